@@ -1,0 +1,142 @@
+"""The default config every experiment starts from, and the argument words (`path:word1,word2`).
+
+Every hyperparameter lives here; networks and losses receive explicit values unpacked from it.
+Argument words: `tiny` shrinks any config to run in under a minute on a CPU; `trainable` / `nontrainable`
+choose the DiffEnc encoder; `conditional` trains a class-conditional model with label dropout.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = d = ml_collections.ConfigDict()
+  d.name = "digits"          # digits | mnist | cifar10 | downsampled_imagenet/32x32 | npz | gaussian_mixture | uniform
+  d.data_dir = ""            # tfds data_dir (tfds.data_source reads it without TensorFlow)
+  d.path = ""                # the .npz file for name=npz
+  d.random_flip = False
+
+  c.model = m = ml_collections.ConfigDict()
+  m.family = "vdm"           # vdm | diffenc | cdm
+  m.parameterization = "eps" # eps | v
+  m.num_steps = 0            # T of the diffusion loss; 0 = continuous time
+  m.antithetic = True        # stratified time sampling over the global batch
+  m.conditional = False      # condition on the class label (classifier-free guidance)
+  m.p_uncond = 0.1           # label dropout probability when conditional
+  m.schedule = s = ml_collections.ConfigDict()
+  s.kind = "learned_scalar"  # linear | cosine | learned_scalar | learned_net | learned_pinned
+  s.gamma_min = -13.3
+  s.gamma_max = 5.0
+  s.variance_minimization = False  # learned_pinned only: learn the shape by minimising Var[L_diff]
+  m.score = sc = ml_collections.ConfigDict()
+  sc.ch = 128
+  sc.num_blocks = 32
+  sc.dropout = 0.1
+  sc.attention = True
+  sc.fourier_min = 6
+  sc.fourier_max = 8
+  sc.num_groups = 32
+  m.encoder = e = ml_collections.ConfigDict()  # DiffEnc
+  e.kind = "identity"        # identity | nontrainable | trainable
+  e.ch = 64
+  e.ch_mult = (1, 2)
+  e.num_res_blocks = 2
+  e.attn_resolutions = ()
+  e.num_groups = 32
+  m.cdm = cd = ml_collections.ConfigDict()     # Classification Diffusion Models
+  cd.num_steps = 1000        # T: classes 0..T+1
+  cd.beta_start = 1e-4
+  cd.beta_end = 0.02
+  cd.w_ce = 1e-3
+  cd.ch = 128
+  cd.ch_mult = (1, 2, 2, 2)
+  cd.num_res_blocks = 2
+  cd.attn_resolutions = (16,)
+  cd.dropout = 0.1
+  cd.num_groups = 32
+
+  c.optim = o = ml_collections.ConfigDict()
+  o.learning_rate = 2e-4
+  o.warmup_steps = 100
+  o.b1 = 0.9
+  o.b2 = 0.99
+  o.eps = 1e-8
+  o.weight_decay = 0.01
+  o.grad_clip = 0.0
+  o.lr_schedule = "constant"  # constant | cosine
+
+  c.training = t = ml_collections.ConfigDict()
+  t.batch_size = 128
+  t.num_steps = 10_000_000
+  t.steps_per_dispatch = 1
+  t.ema_decay = 0.9999
+  t.log_every = 100
+  t.eval_every = 10_000
+  t.checkpoint_every = 10_000
+  t.sample_every = 0
+  t.max_checkpoints_to_keep = 3
+  t.async_checkpointing = True
+  t.nan_policy = "skip"      # skip | stop
+  t.inject_nan_at_step = -1  # testing switch: replace that step's loss by NaN
+
+  c.eval = ev = ml_collections.ConfigDict()
+  ev.split = "test"
+  ev.batch_size = 128
+  ev.num_examples = 0        # 0 = the whole split
+  ev.estimator = "elbo"      # elbo | cdm | ode
+  ev.num_time_samples = 1    # ELBO: Monte-Carlo time samples per image
+  ev.ode_rtol = 1e-5
+  ev.ode_atol = 1e-5
+  ev.ode_divergence = "hutchinson"  # hutchinson | exact
+
+  c.sample = sm = ml_collections.ConfigDict()
+  sm.sampler = "vdm_ancestral"  # vdm_ancestral | ddpm | ddim | ode
+  sm.num_steps = 256
+  sm.eta = 0.0
+  sm.guidance_weight = 0.0
+  sm.label = -1              # class to sample when conditional; -1 = unconditional
+  sm.num_samples = 64
+  return c
+
+
+WORDS = ("tiny", "trainable", "nontrainable", "conditional")
+
+
+def parse_words(arg: str | None) -> set[str]:
+  words = {w.strip() for w in (arg or "").split(",") if w.strip()}
+  unknown = words - set(WORDS)
+  if unknown:
+    raise ValueError(f"unknown config argument word(s) {sorted(unknown)}; expected some of {WORDS}.")
+  return words
+
+
+def apply_words(c: ml_collections.ConfigDict, words: set[str]) -> ml_collections.ConfigDict:
+  """Apply argument words in a fixed order (tiny last, so it shrinks whatever the others chose)."""
+  if "trainable" in words and "nontrainable" in words:
+    raise ValueError("choose one of 'trainable' and 'nontrainable'.")
+  if "trainable" in words:
+    c.model.encoder.kind = "trainable"
+  if "nontrainable" in words:
+    c.model.encoder.kind = "nontrainable"
+  if "conditional" in words:
+    c.model.conditional = True
+  if "tiny" in words:
+    shrink_tiny(c)
+  return c
+
+
+def shrink_tiny(c: ml_collections.ConfigDict) -> None:
+  """Under a minute on a CPU: a few tiny networks, a few steps, a small evaluation."""
+  c.model.score.update(ch=16, num_blocks=1, dropout=0.0, num_groups=8)
+  c.model.encoder.update(ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), num_groups=4)
+  c.model.cdm.update(num_steps=50, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
+                     dropout=0.0, num_groups=8)
+  c.training.update(batch_size=16, num_steps=20, log_every=5, eval_every=0, checkpoint_every=10,
+                    ema_decay=0.9, sample_every=0)
+  c.optim.warmup_steps = 5
+  c.eval.update(batch_size=64, num_examples=128)
+  c.sample.update(num_steps=20, num_samples=16)

@@ -1,0 +1,20 @@
+"""Quickstart: VDM on scikit-learn's bundled digits (8x8, 17 levels), offline, a few minutes on 2 CPU cores.
+
+  python -m experiments.main --config=experiments/configs/quickstart.py --workdir=/tmp/quickstart
+"""
+
+from experiments.configs import base
+
+
+def get_config(arg: str | None = None):
+  c = base.get_base_config()
+  c.data.name = "digits"
+  c.model.family = "vdm"
+  c.model.schedule.kind = "learned_scalar"
+  c.model.score.update(ch=32, num_blocks=2, dropout=0.0, attention=True, num_groups=8)
+  c.optim.update(learning_rate=2e-3, warmup_steps=200)
+  c.training.update(batch_size=64, num_steps=3000, log_every=100, eval_every=0, checkpoint_every=1000,
+                    ema_decay=0.995, sample_every=0)
+  c.eval.update(batch_size=100, num_time_samples=4)
+  c.sample.update(num_steps=200, num_samples=64)
+  return base.apply_words(c, base.parse_words(arg))

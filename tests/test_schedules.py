@@ -1,0 +1,123 @@
+"""Noise schedules: float32 precision at the endpoints, gamma' by jvp, the DDPM grid, monotonicity."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vdiff import schedules as S
+
+
+def _learned(kind):
+  module = S.LEARNED[kind]()
+  params = module.init(jax.random.PRNGKey(0), jnp.zeros((1,)))["params"]
+  # Move the shape away from the (almost linear) initialisation so derivatives are not trivial.
+  params = jax.tree.map(lambda p: p * 1.0, params)
+  if kind != "learned_scalar":
+    net = params["shape"] if kind == "learned_pinned" else params
+    net["l2"]["kernel"] = 3.0 * jax.random.normal(jax.random.PRNGKey(1), net["l2"]["kernel"].shape)
+    net["l3"]["kernel"] = 20.0 * jnp.abs(jax.random.normal(jax.random.PRNGKey(2),
+                                                              net["l3"]["kernel"].shape))
+  return S.from_module(module, params)
+
+
+ALL = {
+    "linear": S.linear(),
+    "cosine": S.cosine(),
+    "ddpm": S.ddpm_linear_beta(),
+    "learned_scalar": _learned("learned_scalar"),
+    "learned_net": _learned("learned_net"),
+    "learned_pinned": _learned("learned_pinned"),
+    "custom": S.from_function(lambda t: -10.0 + 15.0 * t ** 2 + t),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_dgamma_matches_finite_differences(name):
+  sched = ALL[name]
+  t = jnp.linspace(0.05, 0.95, 13)
+  h = 1e-3
+  fd = (np.asarray(sched.gamma(t + h), np.float64) - np.asarray(sched.gamma(t - h), np.float64)) / (2 * h)
+  # Central differences in float32: error ~ eps * |gamma| / h ~ 1e-3 absolute; ddpm is piecewise linear
+  # on a 1/1000 grid, so compare away from knots with the same tolerance.
+  np.testing.assert_allclose(np.asarray(sched.dgamma(t)), fd, rtol=2e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_increasing_and_consistent(name):
+  sched = ALL[name]
+  t = jnp.linspace(0.0, 1.0, 501)
+  g = np.asarray(sched.gamma(t))
+  assert np.all(np.diff(g) > 0), "gamma must be strictly increasing"
+  a2, s2 = np.asarray(sched.alpha2(t), np.float64), np.asarray(sched.sigma2(t), np.float64)
+  np.testing.assert_allclose(a2 + s2, 1.0, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(sched.snr(t)), a2 / s2, rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(sched.alpha(t)) ** 2, a2, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(sched.sigma(t)) ** 2, s2, rtol=1e-5)
+
+
+def test_float32_precision_at_vdm_endpoints():
+  # Reference: float64 logistic function. sigma^2 at gamma = -13.3 is 1.67e-6; 1 - sigmoid(13.3) in
+  # float32 would keep only ~1 significant digit (float32 spacing near 1 is 6e-8).
+  for g in (-13.3, 5.0):
+    ref_s2 = 1.0 / (1.0 + math.exp(-g))
+    ref_a2 = 1.0 / (1.0 + math.exp(g))
+    assert abs(float(S.sigma2_from_gamma(jnp.float32(g))) / ref_s2 - 1) < 1e-6
+    assert abs(float(S.alpha2_from_gamma(jnp.float32(g))) / ref_a2 - 1) < 1e-6
+    assert abs(float(S.sigma_from_gamma(jnp.float32(g))) / math.sqrt(ref_s2) - 1) < 1e-6
+  naive = 1.0 - float(jax.nn.sigmoid(jnp.float32(13.3)))
+  assert abs(naive / (1.0 / (1.0 + math.exp(13.3))) - 1) > 1e-3  # why the formulas avoid 1 - sigmoid
+
+
+def test_ddpm_grid_is_ddpm():
+  # Reference: Ho et al. 2020, abar_t = prod_{s<=t} (1 - beta_s), betas linear in [1e-4, 0.02].
+  sched = S.ddpm_linear_beta()
+  betas = np.linspace(1e-4, 0.02, 1000)
+  abar = np.cumprod(1.0 - betas)
+  got = np.asarray(sched.discrete_alpha2(1000), np.float64)
+  assert got[0] == 1.0
+  np.testing.assert_allclose(got[1:], abar, rtol=2e-6, atol=1e-7)
+  # 1 - abar_1 = beta_1 = 1e-4 through sigma^2 = sigmoid(gamma): precise to float32.
+  np.testing.assert_allclose(float(sched.sigma2(1e-3)), 1e-4, rtol=1e-4)
+
+
+def test_linear_and_cosine_endpoints():
+  for sched in (S.linear(), S.cosine(), S.linear(gamma_min=-5.0, gamma_max=3.0)):
+    g0, g1 = sched.endpoints()
+    assert abs(float(g0) - sched.gamma(0.0)) < 1e-6
+  g0, g1 = S.cosine().endpoints()
+  np.testing.assert_allclose([float(g0), float(g1)], [-13.3, 5.0], atol=1e-4)
+  # cosine: alpha^2 ∝ cos^2 (Nichol & Dhariwal with s = 0) -> gamma = 2 log tan(pi u / 2).
+  u = 0.5
+  assert abs(2 * math.log(math.tan(math.pi * u / 2))) < 1e-12  # gamma = 0 at u = 1/2
+
+
+def test_learned_schedule_init_equals_linear():
+  t = jnp.linspace(0, 1, 11)
+  for kind in ("learned_scalar", "learned_pinned"):
+    module = S.LEARNED[kind]()
+    params = module.init(jax.random.PRNGKey(0), t)["params"]
+    got = S.from_module(module, params).gamma(t)
+    if kind == "learned_scalar":
+      np.testing.assert_allclose(got, S.linear().gamma(t), atol=1e-5)
+    else:
+      np.testing.assert_allclose(got[jnp.array([0, -1])], [-13.3, 5.0], atol=1e-5)
+
+
+def test_dgamma_is_differentiable_in_parameters():
+  # d/dw of gamma'(t) for gamma = b + |w| t is sign(w): checks the jvp stays differentiable.
+  module = S.LearnedScalarGamma()
+  params = module.init(jax.random.PRNGKey(0), jnp.zeros(1))["params"]
+  f = lambda p: jnp.sum(S.from_module(module, p).dgamma(jnp.array([0.3, 0.6])))
+  g = jax.grad(f)(params)
+  assert float(g["w"]) == pytest.approx(2.0)
+  assert float(g["b"]) == pytest.approx(0.0)
+
+
+def test_bad_endpoints_are_refused():
+  with pytest.raises(ValueError, match="gamma_min must be smaller"):
+    S.linear(gamma_min=5.0, gamma_max=-13.3)
+  with pytest.raises(ValueError, match="num_steps"):
+    S.ddpm_linear_beta(num_steps=1)

@@ -1,0 +1,657 @@
+"""Datasets of K-level integer images, deterministic batching, and synthetic data of known density.
+
+Everything here is numpy on the host. Images stay integers in {0..K-1} (uint8 when K <= 256, else int32)
+until the model encodes them with `vdiff.likelihood.encode` (MATH.md section 0).
+
+Sources (one visible dict, `LOADERS`; any other name is tried as a TFDS name):
+  * `digits`: scikit-learn's bundled 8x8 digits, 17 levels (0..16), a fixed 1497 / 300 train / test split.
+  * `mnist`, `cifar10`, `downsampled_imagenet/32x32`, any TFDS name: `tfds.data_source` (array_record,
+    no TensorFlow needed), K = 256, never downloads unless asked (`download=True`).
+  * `npz`: the user's own file, written by `make_npz`.
+  * `gaussian_mixture`, `uniform`: quantised samples of a known distribution with its exact (uniform) or
+    Monte-Carlo (mixture) discrete entropy in bits/dim, the NLL a perfect model would reach.
+
+Batching is a pure function of (seed, step), so a resumed run sees exactly the data an uninterrupted run
+would, and each process reads only its own slice of the global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import math
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+from scipy import special
+
+from vdiff import likelihood
+
+# --------------------------------------------------------------------------------------------------------
+# The dataset container and its validation.
+
+
+def _check_num_levels(num_levels: Any) -> int:
+  if isinstance(num_levels, bool) or not isinstance(num_levels, (int, np.integer)) or num_levels < 2:
+    raise ValueError(f"num_levels must be an integer >= 2, got {num_levels!r}.")
+  return int(num_levels)
+
+
+def validate_images(images: Any, num_levels: int) -> None:
+  """Raises ValueError unless `images` is an integer array [N, H, W, C] of levels in {0..num_levels-1}.
+
+  Args:
+    images: the array to check.
+    num_levels: K, the number of levels (>= 2).
+  Raises:
+    ValueError: naming the problem (num_levels, dtype, NaN/Inf, rank, empty, out-of-range values).
+  """
+  _check_num_levels(num_levels)
+  images = np.asarray(images)
+  if np.issubdtype(images.dtype, np.inexact):
+    if not np.all(np.isfinite(images)):
+      raise ValueError("images contain NaN or Inf; images must be integer levels in {0..K-1}.")
+  if not np.issubdtype(images.dtype, np.integer):
+    raise ValueError(
+        f"images must have an integer dtype (K-level data stays integer), got dtype {images.dtype}.")
+  if images.ndim != 4:
+    raise ValueError(f"images must have rank 4 [N, H, W, C], got shape {images.shape}.")
+  if images.size == 0:
+    raise ValueError(f"images must not be empty, got shape {images.shape}.")
+  lo, hi = int(images.min()), int(images.max())
+  if lo < 0:
+    raise ValueError(f"images have values < 0 (min {lo}); levels must lie in {{0..{num_levels - 1}}}.")
+  if hi >= num_levels:
+    raise ValueError(
+        f"images have values >= num_levels={num_levels} (max {hi}); levels must lie in "
+        f"{{0..{num_levels - 1}}}.")
+
+
+def _level_dtype(num_levels: int) -> np.dtype:
+  """uint8 when the levels fit, else int32."""
+  return np.dtype(np.uint8) if num_levels <= 256 else np.dtype(np.int32)
+
+
+@dataclasses.dataclass(eq=False)
+class Dataset:
+  """One split of K-level integer images, held in host memory.
+
+  Attributes:
+    images: integer levels in {0..K-1}, [N, H, W, C], uint8 (K <= 256) or int32.
+    labels: int32 [N]; zeros when the data has no labels.
+    num_levels: K.
+    name: the source name (e.g. "digits", "mnist", "gaussian_mixture").
+    num_labels: number of classes; 0 if the data has no labels.
+    true_bpd: for data of known density, its exact discrete entropy -E log2 P(k) / D in bits/dim: the
+      negative log-likelihood a perfect model reaches, directly comparable with a discrete bound (VDM) and
+      with a dequantised continuous bound (CDM, ODE) converted by `likelihood.nats_to_bpd`. None otherwise.
+    true_bpd_stderr: Monte-Carlo standard error of true_bpd (0.0 when exact); None when true_bpd is None.
+  """
+  images: np.ndarray = dataclasses.field(repr=False)
+  labels: np.ndarray = dataclasses.field(repr=False)
+  num_levels: int
+  name: str
+  num_labels: int = 0
+  true_bpd: float | None = None
+  true_bpd_stderr: float | None = None
+
+  def __post_init__(self):
+    validate_images(self.images, self.num_levels)
+    self.labels = np.asarray(self.labels)
+    if self.labels.shape != (self.images.shape[0],):
+      raise ValueError(
+          f"labels must have shape [N] = ({self.images.shape[0]},), got {self.labels.shape}.")
+    if not np.issubdtype(self.labels.dtype, np.integer):
+      raise ValueError(f"labels must have an integer dtype, got {self.labels.dtype}.")
+    self.labels = self.labels.astype(np.int32, copy=False)
+    if self.num_labels < 0:
+      raise ValueError(f"num_labels must be >= 0, got {self.num_labels}.")
+
+  @property
+  def shape(self) -> tuple[int, int, int]:
+    """(H, W, C) of one example."""
+    return tuple(self.images.shape[1:])
+
+  @property
+  def num_dims(self) -> int:
+    """D = H * W * C."""
+    return int(np.prod(self.shape))
+
+  def __len__(self) -> int:
+    return self.images.shape[0]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Deterministic random streams.
+#
+# numpy's legacy RandomState seeded with an array of uint32 words is frozen by NEP 19: the same words give
+# the same permutation on every numpy version, so the digits split and the data order of a resumed run do
+# not depend on the installed numpy.
+
+_TAG_PERMUTATION, _TAG_FLIP, _TAG_SAMPLES, _TAG_ENTROPY, _TAG_MIXTURE = 1, 2, 3, 4, 5
+_SPLIT_CODES = {"train": 0, "test": 1}
+
+
+def _check_nonneg_int(value: Any, name: str) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+    raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
+  return int(value)
+
+
+def _random_state(tag: int, *values: int) -> np.random.RandomState:
+  """A RandomState keyed by non-negative integers (each split into 32-bit words, up to 64 bits)."""
+  words = [tag]
+  for v in values:
+    if v >= 2**64:
+      raise ValueError(f"seed and step must be < 2**64, got {v}.")
+    words += [v & 0xFFFFFFFF, v >> 32]
+  return np.random.RandomState(np.asarray(words, dtype=np.uint32))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Training batches: a pure function of (seed, step).
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+  # Cached: consecutive steps share the epoch's permutation (computing it is O(N) per call).
+  perm = _random_state(_TAG_PERMUTATION, seed, epoch).permutation(num_examples).astype(np.int64)
+  perm.setflags(write=False)
+  return perm
+
+
+def train_batch_indices(num_examples: int, global_batch_size: int, *, seed: int, step: int) -> np.ndarray:
+  """Example indices of the global training batch at `step`: a pure function of (seed, step).
+
+  Epoch e = step // (N // B) uses its own permutation, drawn from (seed, e); batch j of the epoch is
+  perm[j B : (j + 1) B]. The last N mod B examples of each permutation are dropped, so within an epoch no
+  example repeats, and when B divides N every example is seen exactly once per epoch.
+
+  Args:
+    num_examples: N, the size of the training split.
+    global_batch_size: B, the batch summed over all processes; 1 <= B <= N.
+    seed: non-negative integer.
+    step: non-negative integer, the optimisation step.
+  Returns:
+    int64 array [B] of indices in {0..N-1}.
+  """
+  num_examples = _check_nonneg_int(num_examples, "num_examples")
+  global_batch_size = _check_nonneg_int(global_batch_size, "global_batch_size")
+  seed = _check_nonneg_int(seed, "seed")
+  step = _check_nonneg_int(step, "step")
+  if global_batch_size < 1 or global_batch_size > num_examples:
+    raise ValueError(
+        f"global_batch_size must be in [1, num_examples={num_examples}], got {global_batch_size}.")
+  batches_per_epoch = num_examples // global_batch_size
+  epoch, j = divmod(step, batches_per_epoch)
+  perm = _epoch_permutation(num_examples, seed, epoch)
+  return perm[j * global_batch_size:(j + 1) * global_batch_size].copy()
+
+
+def process_slice(global_batch_size: int, process_index: int, process_count: int) -> slice:
+  """The contiguous slice of a global batch that process `process_index` of `process_count` reads.
+
+  Process p reads rows [p B / P, (p + 1) B / P); the slices of all processes partition the batch in order,
+  matching `jax.make_array_from_process_local_data` with the batch axis sharded over processes.
+  """
+  global_batch_size = _check_nonneg_int(global_batch_size, "global_batch_size")
+  process_count = _check_nonneg_int(process_count, "process_count")
+  process_index = _check_nonneg_int(process_index, "process_index")
+  if process_count < 1:
+    raise ValueError(f"process_count must be >= 1, got {process_count}.")
+  if process_index >= process_count:
+    raise ValueError(f"process_index must be in [0, process_count={process_count}), got {process_index}.")
+  if global_batch_size % process_count:
+    raise ValueError(
+        f"global_batch_size={global_batch_size} must be divisible by process_count={process_count}.")
+  local = global_batch_size // process_count
+  return slice(process_index * local, (process_index + 1) * local)
+
+
+def train_batch(ds: Dataset, global_batch_size: int, *, seed: int, step: int, process_index: int = 0,
+                process_count: int = 1, random_flip: bool = False) -> dict[str, np.ndarray]:
+  """This process's share of the global training batch at `step`.
+
+  The global batch, and the flips, are pure functions of (seed, step), drawn for the whole global batch
+  before slicing: the same (seed, step) gives the same global batch on any number of processes.
+
+  Args:
+    ds: the training split.
+    global_batch_size: B, summed over processes; divisible by process_count.
+    seed, step: non-negative integers.
+    process_index, process_count: this process and the number of processes (jax.process_index/count()).
+    random_flip: flip each image horizontally with probability 1/2.
+  Returns:
+    dict(image=integer levels [B / P, H, W, C] (ds.images.dtype), label=int32 [B / P]).
+  """
+  idx = train_batch_indices(len(ds), global_batch_size, seed=seed, step=step)
+  sl = process_slice(global_batch_size, process_index, process_count)
+  local = idx[sl]
+  images = ds.images[local]
+  if random_flip:
+    flip = _random_state(_TAG_FLIP, seed, step).random_sample(global_batch_size)[sl] < 0.5
+    images = np.where(flip[:, None, None, None], images[:, :, ::-1, :], images)
+  return dict(image=images, label=ds.labels[local])
+
+
+# --------------------------------------------------------------------------------------------------------
+# Evaluation batches: every example exactly once, fixed shapes, masked padding.
+
+
+def eval_batches(ds: Dataset, batch_size: int, *, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+  """Iterates over this process's share of every example of `ds`, exactly once, in index order.
+
+  Global batch b holds examples [b B, (b + 1) B); each process reads its `process_slice` of it. Rows past
+  the end are padding (image and label 0, mask 0), so every batch of every process has the same shape (no
+  recompilation) and all processes yield the same number, ceil(N / B), of batches. A masked mean
+  sum(mask * value) / sum(mask) over all batches is the exact mean over the split.
+
+  Args:
+    ds: the split to evaluate.
+    batch_size: B, the global batch size, summed over processes; divisible by process_count.
+    process_index, process_count: this process and the number of processes.
+  Returns:
+    an iterator of dict(image=[B / P, H, W, C] levels, label=int32 [B / P], mask=float32 [B / P] in {0, 1}).
+  """
+  sl = process_slice(batch_size, process_index, process_count)  # Validates eagerly, not on first next().
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+  n = len(ds)
+  num_batches = -(-n // batch_size)
+
+  def generate():
+    for b in range(num_batches):
+      idx = np.arange(b * batch_size, (b + 1) * batch_size)[sl]
+      valid = idx < n
+      safe = np.where(valid, idx, 0)
+      images = ds.images[safe]
+      images[~valid] = 0
+      labels = np.where(valid, ds.labels[safe], 0).astype(np.int32)
+      yield dict(image=images, label=labels, mask=valid.astype(np.float32))
+
+  return generate()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Exact probabilities of quantised Gaussian mixtures.
+
+
+def _bin_edges(k: np.ndarray, num_levels: int) -> tuple[np.ndarray, np.ndarray]:
+  """Lower and upper edges of level k's bin, float64; the edge bins extend to -inf and +inf.
+
+  Bin k is [-1 + 2k/K, -1 + 2(k+1)/K) (centre `likelihood.encode(k)`, width 2/K); values outside [-1, 1] are
+  clipped into the edge bins, so the edge bins integrate the density out to -inf / +inf.
+  """
+  k = np.asarray(k, np.float64)
+  lower = np.where(k <= 0, -np.inf, -1.0 + 2.0 * k / num_levels)
+  upper = np.where(k >= num_levels - 1, np.inf, -1.0 + 2.0 * (k + 1.0) / num_levels)
+  return lower, upper
+
+
+def _quantize(x: np.ndarray, num_levels: int) -> np.ndarray:
+  """Continuous x -> level, clipping into the edge bins.
+
+  The same rule as `likelihood.decode`, floor((x + 1) K / 2) clipped to {0..K-1}, but in float64 numpy so
+  that the bin of every sample agrees with the float64 edges of `_bin_edges`.
+  """
+  k = np.floor((np.asarray(x, np.float64) + 1.0) * num_levels / 2.0)
+  return np.clip(k, 0, num_levels - 1).astype(_level_dtype(num_levels))
+
+
+def _log_ndtr_diff(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  """log(Phi(b) - Phi(a)) for a < b, stable in both tails.
+
+  Phi(b) - Phi(a) = Phi(-a) - Phi(-b): reflecting bins with a > 0 keeps both arguments in the lower tail,
+  where log_ndtr is accurate, and then log(Phi(hi) - Phi(lo)) = log Phi(hi) + log(1 - exp(log Phi(lo) -
+  log Phi(hi))) avoids subtracting two probabilities close to 1.
+  """
+  flip = a > 0
+  lo = np.where(flip, -b, a)
+  hi = np.where(flip, -a, b)
+  log_hi = special.log_ndtr(hi)
+  d = special.log_ndtr(lo) - log_hi  # <= 0; -inf when lo = -inf.
+  with np.errstate(divide="ignore", invalid="ignore"):
+    # log1mexp(d): log(-expm1(d)) near 0, log1p(-exp(d)) further out (Maechler 2012).
+    log1mexp = np.where(d > -math.log(2.0), np.log(-np.expm1(d)),
+                        np.log1p(-np.exp(d)))
+  return log_hi + log1mexp
+
+
+def _check_mixture(means: Any, stds: Any, weights: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Means [M, D], stds [M, D] (> 0) and normalised weights [M], all float64."""
+  means = np.asarray(means, np.float64)
+  if means.ndim < 2:
+    raise ValueError(f"means must have shape [M, D] or [M, H, W, C], got {means.shape}.")
+  m = means.shape[0]
+  means = means.reshape(m, -1)
+  stds = np.asarray(stds, np.float64)
+  if stds.ndim > 1:
+    stds = stds.reshape(stds.shape[0], -1)
+  try:
+    stds = np.broadcast_to(stds, means.shape)
+  except ValueError:
+    raise ValueError(f"stds must broadcast to the means' shape {means.shape}, got {stds.shape}.") from None
+  if not np.all(np.isfinite(means)):
+    raise ValueError("means must be finite.")
+  if not np.all((stds > 0) & np.isfinite(stds)):
+    raise ValueError("stds must be positive and finite.")
+  weights = np.ones(m) if weights is None else np.asarray(weights, np.float64)
+  if weights.shape != (m,) or not np.all((weights > 0) & np.isfinite(weights)):
+    raise ValueError(f"weights must be {m} positive numbers (one per component), got {weights!r}.")
+  return means, stds, weights / weights.sum()
+
+
+def gaussian_mixture_log_prob(k: Any, *, means: Any, stds: Any, weights: Any = None, num_levels: int,
+                              chunk_size: int = 8192) -> np.ndarray:
+  """Exact log-probability (nats) of quantised levels under a clipped mixture of diagonal Gaussians.
+
+      P(k) = sum_m w_m prod_i [Phi((b+_i - mu_mi) / s_mi) - Phi((b-_i - mu_mi) / s_mi)],
+
+  with b-_i, b+_i the edges of bin k_i (edge bins reach -inf / +inf: data outside [-1, 1] is clipped into
+  them). Computed in log space: log_ndtr differences, then a logsumexp over components.
+
+  Args:
+    k: integer levels [N, D] or [N, H, W, C].
+    means: [M, D] or [M, H, W, C], in the data's [-1, 1] units.
+    stds: positive, broadcastable to the means (per component and dimension).
+    weights: [M] positive (normalised here); None for equal weights.
+    num_levels: K.
+    chunk_size: rows per block (memory is O(chunk_size M D)).
+  Returns:
+    float64 [N], log P(k) in nats.
+  """
+  means, stds, weights = _check_mixture(means, stds, weights)
+  k = np.asarray(k)
+  k = k.reshape(k.shape[0], -1)
+  if k.shape[1] != means.shape[1]:
+    raise ValueError(f"k has {k.shape[1]} dimensions per example but the means have {means.shape[1]}.")
+  log_w = np.log(weights)
+  out = np.empty(k.shape[0], np.float64)
+  for start in range(0, k.shape[0], chunk_size):
+    lower, upper = _bin_edges(k[start:start + chunk_size], num_levels)  # [n, D]
+    a = (lower[:, None, :] - means) / stds  # [n, M, D]
+    b = (upper[:, None, :] - means) / stds
+    per_component = _log_ndtr_diff(a, b).sum(-1) + log_w  # [n, M]
+    out[start:start + chunk_size] = special.logsumexp(per_component, axis=-1)
+  return out
+
+
+def _sample_mixture(rng: np.random.RandomState, n: int, means: np.ndarray, stds: np.ndarray,
+                    weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """n continuous samples [n, D] of the mixture and their component indices [n]."""
+  comp = rng.choice(len(weights), size=n, p=weights)
+  x = means[comp] + stds[comp] * rng.standard_normal((n, means.shape[1]))
+  return x, comp
+
+
+def gaussian_mixture_entropy_bpd(*, means: Any, stds: Any, weights: Any = None, num_levels: int,
+                                 num_samples: int = 100_000, seed: int = 0) -> tuple[float, float]:
+  """Discrete entropy H = -E log2 P(k) / D (bits/dim) of a quantised, clipped Gaussian mixture.
+
+  A mixture's P(k) does not factorise over dimensions, so H is a Monte-Carlo mean over num_samples draws
+  k ~ P of the exact -log2 P(k) (`gaussian_mixture_log_prob`). For K -> infinity, H -> h + log2(K / 2),
+  with h the differential entropy (bits/dim) of the density on [-1, 1]^D (MATH.md section 4).
+
+  Returns:
+    (H in bits/dim, its Monte-Carlo standard error).
+  """
+  means, stds, weights = _check_mixture(means, stds, weights)
+  num_samples = _check_nonneg_int(num_samples, "num_samples")
+  if num_samples < 2:
+    raise ValueError(f"num_samples must be >= 2, got {num_samples}.")
+  rng = _random_state(_TAG_ENTROPY, _check_nonneg_int(seed, "seed"))
+  x, _ = _sample_mixture(rng, num_samples, means, stds, weights)
+  k = _quantize(x, num_levels)
+  nats = -gaussian_mixture_log_prob(k, means=means, stds=stds, weights=weights, num_levels=num_levels)
+  # The one nats -> bits/dim conversion; num_levels=None: -log P(k) is already a discrete NLL (no offset).
+  # (float32 there: its rounding, ~1e-7 bits/dim, is far below the Monte-Carlo error.)
+  bits = np.asarray(likelihood.nats_to_bpd(nats, means.shape[1]), np.float64)
+  return float(bits.mean()), float(bits.std(ddof=1) / math.sqrt(num_samples))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Loaders. Each takes (name, *, split, seed, ...) and returns a Dataset.
+
+# The digits split: a RandomState(0) permutation of the 1797 images (frozen across numpy versions by NEP
+# 19); its last 300 are the test split, the first 1497 the training split. Independent of `seed`.
+DIGITS_SPLIT_SEED = 0
+DIGITS_NUM_TEST = 300
+
+
+def _check_split(split: str, name: str) -> int:
+  if split not in _SPLIT_CODES:
+    raise ValueError(f"split must be one of {sorted(_SPLIT_CODES)} for {name!r}, got {split!r}.")
+  return _SPLIT_CODES[split]
+
+
+def _load_digits(name: str, *, split: str, seed: int) -> Dataset:
+  """scikit-learn's bundled 8x8 digits: 1797 images of 17 levels (0..16), 10 classes; fixed split."""
+  del seed  # The split is fixed in the code, not by the run's seed.
+  _check_split(split, name)
+  from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
+  digits = sk_datasets.load_digits()
+  images = digits.images.astype(np.uint8)[..., None]  # float64 0..16 -> [1797, 8, 8, 1] integers.
+  perm = np.random.RandomState(DIGITS_SPLIT_SEED).permutation(len(images))
+  idx = perm[:-DIGITS_NUM_TEST] if split == "train" else perm[-DIGITS_NUM_TEST:]
+  return Dataset(images=images[idx], labels=digits.target[idx].astype(np.int32), num_levels=17,
+                 name=name, num_labels=10)
+
+
+def _load_tfds(name: str, *, split: str, seed: int, data_dir: str | None = None,
+               download: bool = False) -> Dataset:
+  """A TFDS dataset through `tfds.data_source` (array_record random access; TensorFlow not needed).
+
+  Records are read in index order and materialised as one numpy array (3.9 GB of uint8 for the 1.28M
+  images of downsampled_imagenet/32x32; 47 MB for MNIST). Datasets without a 'label' feature get zero
+  labels and num_labels = 0. Nothing is downloaded unless download=True.
+  """
+  del seed  # TFDS splits are fixed by TFDS.
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  source = tfds.data_source(name, split=split, data_dir=data_dir, download=download)
+  features = source.dataset_info.features
+  has_label = "label" in features
+  num_labels = int(features["label"].num_classes) if has_label else 0
+  n = len(source)
+  if n == 0:
+    raise ValueError(f"TFDS split {name}:{split} is empty.")
+  first = np.asarray(source[0]["image"])
+  if first.ndim == 2:
+    first = first[..., None]
+  images = np.empty((n,) + first.shape, first.dtype)
+  labels = np.zeros(n, np.int32)
+  for i in range(n):
+    record = source[i]
+    image = np.asarray(record["image"])
+    if image.ndim == 2:
+      image = image[..., None]
+    if image.shape != first.shape:
+      raise ValueError(f"TFDS {name}:{split} record {i} has image shape {image.shape}, but record 0 has "
+                       f"{first.shape}; vdiff needs images of one shape.")
+    images[i] = image
+    if has_label:
+      labels[i] = record["label"]
+  return Dataset(images=images, labels=labels, num_levels=256, name=name, num_labels=num_labels)
+
+
+_NPZ_RESERVED = ("num_levels", "num_labels")
+
+
+def make_npz(path: str, train: Any, test: Any, *, train_labels: Any = None, test_labels: Any = None,
+             num_levels: int | None = None, num_labels: int | None = None) -> str:
+  """Writes the user data format read by `load("npz", path=..., split=...)`.
+
+  Keys: `train`, `test` (integer images [N, H, W] or [N, H, W, C]), optional `train_labels`, `test_labels`
+  (integer [N]), `num_levels`, `num_labels` (scalars). Without `num_levels` the reader infers K (see
+  `_load_npz`), so pass it whenever the data has levels that happen not to occur.
+
+  Returns:
+    path.
+  """
+  arrays = {"train": np.asarray(train), "test": np.asarray(test)}
+  for split, labels in (("train", train_labels), ("test", test_labels)):
+    if labels is not None:
+      arrays[f"{split}_labels"] = np.asarray(labels)
+  for split in ("train", "test"):
+    images = arrays[split]
+    # Without num_levels only dtype, rank and sign can be checked here; the reader infers K.
+    validate_images(images[..., None] if images.ndim == 3 else images,
+                    num_levels if num_levels is not None else np.iinfo(np.int64).max)
+  if num_levels is not None:
+    arrays["num_levels"] = np.asarray(num_levels, np.int64)
+  if num_labels is not None:
+    arrays["num_labels"] = np.asarray(num_labels, np.int64)
+  with open(path, "wb") as f:
+    np.savez_compressed(f, **arrays)
+  return path
+
+
+def _load_npz(name: str, *, split: str, seed: int, path: str | None = None) -> Dataset:
+  """The user's own .npz (see `make_npz`).
+
+  K is the file's `num_levels` if present; else 256 when the images are uint8, else max + 1 over all
+  image arrays of the file (so the splits agree). num_labels is the file's `num_labels` if present; else
+  max + 1 over the label arrays, or 0 with no labels. Rank-3 images [N, H, W] get a channel axis.
+  """
+  del seed
+  if path is None:
+    raise ValueError("load('npz', ...) needs path=<file.npz>.")
+  with np.load(path, allow_pickle=False) as f:
+    data = {key: f[key] for key in f.files}
+  image_keys = [k for k in data if k not in _NPZ_RESERVED and not k.endswith("_labels")]
+  if split not in image_keys:
+    raise ValueError(f"split {split!r} is not in {path}; it has image arrays {sorted(image_keys)}.")
+  images = data[split]
+  if images.ndim == 3:
+    images = images[..., None]
+  if "num_levels" in data:
+    num_levels = int(data["num_levels"])
+  elif all(data[k].dtype == np.uint8 for k in image_keys):
+    num_levels = 256
+  else:
+    num_levels = max(max(int(np.max(data[k])) for k in image_keys) + 1, 2)
+  validate_images(images, num_levels)
+  label_keys = [k for k in data if k.endswith("_labels")]
+  labels = data.get(f"{split}_labels", np.zeros(len(images), np.int32))
+  if "num_labels" in data:
+    num_labels = int(data["num_labels"])
+  else:
+    num_labels = max((int(np.max(data[k])) + 1 for k in label_keys), default=0)
+  return Dataset(images=images.astype(_level_dtype(num_levels), copy=False), labels=labels,
+                 num_levels=num_levels, name=name, num_labels=num_labels)
+
+
+_SYNTHETIC_SIZES = {"train": 10_000, "test": 2_000}
+
+
+def _check_shape(shape: Sequence[int]) -> tuple[int, int, int]:
+  shape = tuple(int(s) for s in shape)
+  if len(shape) != 3 or min(shape) < 1:
+    raise ValueError(f"shape must be (H, W, C) of positive integers, got {shape}.")
+  return shape
+
+
+def _load_gaussian_mixture(name: str, *, split: str, seed: int, num_levels: int = 256,
+                           shape: Sequence[int] = (4, 4, 1), num_components: int = 4, means: Any = None,
+                           stds: Any = None, weights: Any = None, mixture_seed: int = 0,
+                           num_examples: int | None = None, entropy_samples: int = 100_000) -> Dataset:
+  """K-level quantised samples of a clipped mixture of diagonal Gaussians, with its true bits/dim.
+
+  The distribution is fixed by means / stds / weights, or when they are None by defaults drawn from
+  RandomState(mixture_seed): means ~ U[-0.5, 0.5]^D, stds ~ U[0.1, 0.3]^D per component, equal weights.
+  `seed` and `split` only pick the samples (train and test are independent draws of the same
+  distribution). Labels are the component each sample came from (num_labels = M). true_bpd is the
+  Monte-Carlo discrete entropy of `gaussian_mixture_entropy_bpd` (entropy_samples draws, keyed by `seed`),
+  with its standard error.
+  """
+  split_code = _check_split(split, name)
+  shape = _check_shape(shape)
+  num_levels = _check_num_levels(num_levels)
+  d = int(np.prod(shape))
+  if means is None or stds is None:
+    num_components = _check_nonneg_int(num_components, "num_components")
+    if num_components < 1:
+      raise ValueError(f"num_components must be >= 1, got {num_components}.")
+    rng = _random_state(_TAG_MIXTURE, _check_nonneg_int(mixture_seed, "mixture_seed"))
+    default_means = rng.uniform(-0.5, 0.5, (num_components, d))
+    default_stds = rng.uniform(0.1, 0.3, (num_components, d))
+    means = default_means if means is None else means
+    stds = default_stds if stds is None else stds
+  means, stds, weights = _check_mixture(means, stds, weights)
+  if means.shape[1] != d:
+    raise ValueError(f"means have {means.shape[1]} dimensions but shape={shape} has {d}.")
+  n = _SYNTHETIC_SIZES[split] if num_examples is None else _check_nonneg_int(num_examples, "num_examples")
+  rng = _random_state(_TAG_SAMPLES, _check_nonneg_int(seed, "seed"), split_code)
+  x, comp = _sample_mixture(rng, n, means, stds, weights)
+  bpd, stderr = gaussian_mixture_entropy_bpd(means=means, stds=stds, weights=weights,
+                                             num_levels=num_levels, num_samples=entropy_samples, seed=seed)
+  return Dataset(images=_quantize(x, num_levels).reshape((n,) + shape), labels=comp.astype(np.int32),
+                 num_levels=num_levels, name=name, num_labels=len(weights), true_bpd=bpd,
+                 true_bpd_stderr=stderr)
+
+
+def _load_uniform(name: str, *, split: str, seed: int, num_levels: int = 256,
+                  shape: Sequence[int] = (4, 4, 1), num_active_levels: int | None = None,
+                  first_level: int | None = None, num_examples: int | None = None) -> Dataset:
+  """IID uniform levels on {first_level .. first_level + g - 1}: exactly log2(g) bits/dim.
+
+  g = num_active_levels (default K, entropy log2 K); first_level defaults to (K - g) // 2 (centred).
+  """
+  split_code = _check_split(split, name)
+  shape = _check_shape(shape)
+  num_levels = _check_num_levels(num_levels)
+  g = num_levels if num_active_levels is None else num_active_levels
+  if isinstance(g, bool) or not isinstance(g, (int, np.integer)) or not 1 <= g <= num_levels:
+    raise ValueError(f"num_active_levels must be in [1, num_levels={num_levels}], got {g!r}.")
+  first = (num_levels - g) // 2 if first_level is None else first_level
+  if isinstance(first, bool) or not isinstance(first, (int, np.integer)) or not 0 <= first <= num_levels - g:
+    raise ValueError(
+        f"first_level must be in [0, num_levels - num_active_levels = {num_levels - g}], got {first!r}.")
+  n = _SYNTHETIC_SIZES[split] if num_examples is None else _check_nonneg_int(num_examples, "num_examples")
+  rng = _random_state(_TAG_SAMPLES, _check_nonneg_int(seed, "seed"), split_code)
+  images = (first + rng.randint(0, g, size=(n,) + shape)).astype(_level_dtype(num_levels))
+  return Dataset(images=images, labels=np.zeros(n, np.int32), num_levels=num_levels, name=name,
+                 num_labels=0, true_bpd=math.log2(g), true_bpd_stderr=0.0)
+
+
+# Name -> loader. Names not listed here are tried as TFDS names.
+LOADERS: dict[str, Callable[..., Dataset]] = {
+    "digits": _load_digits,
+    "mnist": _load_tfds,
+    "cifar10": _load_tfds,
+    "downsampled_imagenet/32x32": _load_tfds,
+    "npz": _load_npz,
+    "gaussian_mixture": _load_gaussian_mixture,
+    "uniform": _load_uniform,
+}
+
+
+def load(name: str, *, split: str, data_dir: str | None = None, path: str | None = None, seed: int = 0,
+         **kw: Any) -> Dataset:
+  """Loads one split of a dataset by name through `LOADERS` (unknown names go to TFDS).
+
+  Args:
+    name: a key of LOADERS, or any TFDS name.
+    split: "train" or "test" (TFDS names take any TFDS split string, e.g. "validation" or "train[:10%]").
+    data_dir: TFDS data directory (TFDS datasets only).
+    path: the .npz file (npz only).
+    seed: picks the samples of synthetic data; real data splits are fixed and ignore it.
+    **kw: loader-specific options, e.g. num_levels, shape, num_examples for synthetic data, download for
+      TFDS.
+  Returns:
+    a validated Dataset.
+  """
+  loader = LOADERS.get(name, _load_tfds)
+  kwargs = dict(kw)
+  if data_dir is not None:
+    kwargs["data_dir"] = data_dir
+  if path is not None:
+    kwargs["path"] = path
+  params = inspect.signature(loader).parameters
+  unknown = sorted(set(kwargs) - set(params))
+  if unknown:
+    allowed = sorted(p for p in params if p not in ("name", "split", "seed"))
+    raise ValueError(f"load({name!r}) got unexpected argument(s) {unknown}; it accepts split, seed and "
+                     f"{allowed}.")
+  return loader(name, split=split, seed=seed, **kwargs)

@@ -1,0 +1,64 @@
+"""The VDM score network (Kingma et al. 2021, arXiv:2107.00630, appendix B).
+
+A U-Net without downsampling: input Fourier features of z, `num_blocks` ResNet blocks at full resolution,
+a middle ResNet-attention-ResNet block, `num_blocks + 1` ResNet blocks on the way up with skip
+concatenations, GroupNorm -> SiLU -> zero-initialised conv, plus a skip of z (the output at
+initialisation is eps_hat = z, the optimal denoiser of pure noise). The network is conditioned on the
+normalised gamma, g_norm = (gamma_t - gamma_min) / (gamma_max - gamma_min) in [0, 1], through a sinusoidal
+embedding of 1000 g_norm, and optionally on a class label (label `num_labels` is the null label of
+classifier-free guidance).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from vdiff.nets import layers
+
+
+class ScoreUNet(nn.Module):
+  """eps- or v-prediction network: (z [B, H, W, C], g_norm [B], label [B] | None) -> [B, H, W, C]."""
+
+  ch: int = 128
+  num_blocks: int = 32
+  dropout: float = 0.1
+  attention: bool = True
+  fourier_min: int = 6
+  fourier_max: int = 8
+  num_groups: int = 32
+  num_labels: int = 0
+  skip_z: bool = True
+
+  @nn.compact
+  def __call__(self, z, g_norm, label=None, *, train: bool = False):
+    if z.ndim != 4:
+      raise ValueError(f"ScoreUNet expects z of shape [B, H, W, C], got {z.shape}.")
+    g_norm = jnp.broadcast_to(jnp.asarray(g_norm, jnp.float32), z.shape[:1])
+    temb = layers.timestep_embedding(1000.0 * g_norm, self.ch)
+    temb = nn.Dense(4 * self.ch)(temb)
+    temb = nn.Dense(4 * self.ch)(nn.silu(temb))
+    if self.num_labels:
+      if label is None:
+        label = jnp.full(z.shape[:1], self.num_labels, jnp.int32)  # the null label
+      temb = temb + nn.Embed(self.num_labels + 1, 4 * self.ch)(label)
+
+    h = z
+    if self.fourier_max > self.fourier_min:
+      h = jnp.concatenate([z, layers.fourier_features(z, n_min=self.fourier_min,
+                                                      n_max=self.fourier_max)], axis=-1)
+    h = nn.Conv(self.ch, (3, 3))(h)
+    hs = [h]
+    block = lambda: layers.ResnetBlock(self.ch, self.dropout, self.num_groups)
+    for _ in range(self.num_blocks):
+      h = block()(h, temb, train=train)
+      hs.append(h)
+    h = block()(h, temb, train=train)
+    if self.attention:
+      h = layers.AttnBlock(self.num_groups)(h)
+    h = block()(h, temb, train=train)
+    for _ in range(self.num_blocks + 1):
+      h = block()(jnp.concatenate([h, hs.pop()], axis=-1), temb, train=train)
+    h = nn.silu(layers.group_norm(self.num_groups, self.ch)(h))
+    out = nn.Conv(z.shape[-1], (3, 3), kernel_init=nn.initializers.zeros, name="conv_out")(h)
+    return out + z if self.skip_z else out
