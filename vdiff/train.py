@@ -184,13 +184,13 @@ def make_nll_fn(model, estimator: str, eval_cfg):
   if estimator not in ESTIMATORS:
     raise ValueError(f"eval.estimator must be one of {ESTIMATORS}, got {estimator!r}.")
   if estimator == "ode":
-    from vdiff import likelihood as lk  # pylint: disable=g-import-not-at-top,reimported
-
     def ode_fn(params, rng, batch):
-      nats, nfe = lk.ode_nll(rng, model.eps_fn(params), model.schedule(params), batch["image"],
-                             num_levels=model.num_levels, rtol=eval_cfg.ode_rtol,
-                             atol=eval_cfg.ode_atol, divergence=eval_cfg.ode_divergence)
-      return nats, nfe
+      r_deq, r_probe = jax.random.split(rng)
+      y = likelihood.dequantize(r_deq, batch["image"], model.num_levels)
+      logp, nfe = likelihood.ode_log_likelihood(
+          r_probe, model.eps_fn(params), model.schedule(params), y, rtol=eval_cfg.ode_rtol,
+          atol=eval_cfg.ode_atol, divergence=eval_cfg.ode_divergence)
+      return -logp, nfe
 
     return ode_fn, True
   if estimator != model.native_estimator:
