@@ -92,10 +92,13 @@ def optimizer_from_config(config) -> optax.GradientTransformation:
 def create_train_state(model, tx, rng) -> TrainState:
   r_init, r_state = jax.random.split(rng)
   params = model.init(r_init)
-  return TrainState.create(apply_fn=None, params=params, tx=tx, ema_params=params, rng=r_state,
+  # step as a strongly typed int32 array: TrainState.create's Python 0 becomes a weakly typed value,
+  # which differs from the step's output type and would make the jitted step compile twice.
+  state = TrainState.create(apply_fn=None, params=params, tx=tx, ema_params=params, rng=r_state,
                            nonfinite_count=jnp.zeros((), jnp.int32),
                            first_nonfinite_step=jnp.full((), -1, jnp.int32),
                            halted=jnp.zeros((), bool))
+  return state.replace(step=jnp.zeros((), jnp.int32))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -148,7 +151,7 @@ def make_train_step(model, *, ema_decay: float, nan_policy: str = "skip", inject
     metrics["loss"] = loss
     if "bpd" not in metrics:
       metrics["bpd"] = loss / (num_dims * math.log(2.0))
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["finite"] = finite.astype(jnp.float32)
     return new_state, metrics
 
@@ -435,6 +438,14 @@ def validate_config(config) -> None:
                      f"of devices ({n}).")
 
 
+def init_state(model, tx, rng, mesh) -> TrainState:
+  """A new TrainState, created by a jitted init directly replicated over the mesh (the sharding the
+  train step returns, so the step compiles once)."""
+  init = jax.jit(functools.partial(create_train_state, model, tx),
+                 out_shardings=parallel.replicated(mesh))
+  return init(rng)
+
+
 def setup(config, workdir):
   validate_config(config)
   os.makedirs(workdir, exist_ok=True)
@@ -443,8 +454,7 @@ def setup(config, workdir):
   model = build_model(config, train_ds)
   tx = optimizer_from_config(config)
   rng = jax.random.PRNGKey(config.seed)
-  init = jax.jit(functools.partial(create_train_state, model, tx),
-                 out_shardings=parallel.replicated(mesh))
+  init = functools.partial(init_state, model, tx, mesh=mesh)
   abstract = jax.eval_shape(functools.partial(create_train_state, model, tx), rng)
   return mesh, train_ds, model, init, abstract, rng
 

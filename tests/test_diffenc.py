@@ -1,0 +1,392 @@
+"""Tests of vdiff.diffenc (DiffEnc, Nielsen et al. ICLR 2024, arXiv:2310.19789) and vdiff.nets.encoder.
+
+References used below:
+  * VDM's losses (vdiff.vdm, arXiv:2107.00630): the identity encoder with d_hat = 0 must reproduce them.
+  * Exact per-step Gaussian KLs of the DiffEnc reverse process, evaluated independently in float64 numpy
+    from the joint-Gaussian posterior (MATH.md sec. 3): their T-step sum must converge to the library's
+    continuous-time loss as T grows.
+  * E[x | z] of Gaussian data x ~ N(mu, s^2) (MATH.md sec. 7) pushed through the non-trainable encoder:
+    z = alpha^3 x + sigma eps, so E[eps | z] = sigma (z - alpha^3 mu) / (alpha^6 s^2 + sigma^2).
+  * Closed-form encoder derivatives: d(alpha^2 x)/d gamma = -sigma^2 alpha^2 x; central finite differences.
+  * The published v-form of the loss (DiffEnc code; MATH.md sec. 3).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vdiff import diffenc
+from vdiff import schedules
+from vdiff import vdm
+from vdiff.nets import encoder as encoder_net
+
+MU, S = 0.1, 0.5  # Gaussian data N(MU, S^2) for the analytic denoiser.
+
+
+def _gaussian_eps_fn(schedule, *, power=3):
+  """E[eps | z] for x ~ N(MU, S^2), z = alpha^power x + sigma eps (power 1: VDM; 3: non-trainable enc)."""
+
+  def eps_fn(z, t):
+    g = vdm.bcast(schedule.gamma(t), z)
+    a, s = schedules.alpha_from_gamma(g), schedules.sigma_from_gamma(g)
+    ap = a ** power
+    return s * (z - ap * MU) / (ap * ap * S ** 2 + s * s)
+
+  return eps_fn
+
+
+def _smooth_y_fn(x, gamma):
+  """A smooth stand-in for y_phi with a non-trivial gamma dependence."""
+  return jnp.tanh(0.7 * x + 0.3 * jnp.sin(0.5 * vdm.bcast(gamma, x)) + 0.1 * x * vdm.bcast(gamma, x))
+
+
+def _data(batch=4, shape=(3,), seed=0):
+  rng = np.random.RandomState(seed)
+  x = rng.uniform(-1, 1, (batch,) + shape).astype(np.float32)
+  eps = rng.randn(batch, *shape).astype(np.float32)
+  return jnp.asarray(x), jnp.asarray(eps)
+
+
+SCHEDULES = {"linear": schedules.linear(), "cosine": schedules.cosine()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Identity encoder == VDM.
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("schedule_name", ["linear", "cosine"])
+@pytest.mark.parametrize("num_steps", [None, 10])
+def test_identity_encoder_without_shift_is_vdm(schedule_name, num_steps):
+  # Reference: vdm.diffusion_loss (MATH.md sec. 3: SNR ||x - x_hat||^2 = ||eps - eps_hat||^2).
+  schedule = SCHEDULES[schedule_name]
+  x, eps = _data(batch=6)
+  t = jnp.linspace(0.01, 0.99, 6)
+  eps_fn = _gaussian_eps_fn(schedule, power=1)
+  ours = jax.jit(functools.partial(diffenc.diffusion_loss, schedule=schedule,
+                                   encoder=diffenc.identity_encoder(), eps_fn=eps_fn,
+                                   num_steps=num_steps, model_shift=False))(x, t, eps)
+  ref = vdm.diffusion_loss(x, t, eps, schedule=schedule, eps_fn=eps_fn, num_steps=num_steps)
+  np.testing.assert_allclose(ours, ref, rtol=1e-5)  # jit vs eager rounding
+
+
+def test_identity_encoder_negative_elbo_is_vdm():
+  # Reference: vdm.negative_elbo with the same rng (same t, eps, decoder noise).
+  schedule = schedules.linear()
+  x = jnp.asarray(np.random.RandomState(1).randint(0, 256, (4, 2, 2, 1)) / 127.5 - 1.0, jnp.float32)
+  eps_fn = _gaussian_eps_fn(schedule, power=1)
+  rng = jax.random.PRNGKey(3)
+  ours, terms = jax.jit(functools.partial(
+      diffenc.negative_elbo, schedule=schedule, encoder=diffenc.identity_encoder(), eps_fn=eps_fn,
+      num_levels=256, model_shift=False))(rng, x)
+  ref, ref_terms = jax.jit(functools.partial(
+      vdm.negative_elbo, schedule=schedule, eps_fn=eps_fn, num_levels=256))(rng, x)
+  np.testing.assert_allclose(ours, ref, rtol=1e-6)
+  for k in ("prior", "recon", "diff"):
+    np.testing.assert_allclose(terms[k], ref_terms[k], rtol=1e-6)
+
+
+def test_negative_elbo_uses_encoded_endpoints():
+  # Reference: MATH.md sec. 3 -- prior on x_1 = enc(x, gamma_1), reconstruction on x_0 = enc(x, gamma_0).
+  schedule = schedules.linear()
+  x, _ = _data(batch=3, shape=(2, 2, 1))
+  enc = diffenc.nontrainable_encoder()
+  rng = jax.random.PRNGKey(0)
+  _, terms = jax.jit(functools.partial(diffenc.negative_elbo, schedule=schedule, encoder=enc,
+                                       eps_fn=_gaussian_eps_fn(schedule), num_levels=256))(rng, x)
+  g0, g1 = schedule.endpoints()
+  # rtol: x - sigma^2 x and alpha^2 x round differently.
+  np.testing.assert_allclose(terms["prior"], vdm.prior_loss(schedules.alpha2_from_gamma(g1) * x, g1),
+                             rtol=1e-5)
+  eps0 = jax.random.normal(jax.random.split(rng, 3)[1], x.shape)
+  np.testing.assert_allclose(
+      terms["recon"], vdm.reconstruction_loss(eps0, x, g0, num_levels=256,
+                                              x_mean=schedules.alpha2_from_gamma(g0) * x),
+      rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------
+# T-step loss from exact per-step KLs -> continuous loss.
+# ----------------------------------------------------------------------------------------------------
+G0, G1 = schedules.GAMMA_MIN, schedules.GAMMA_MAX
+
+
+def _np_terms(g):
+  a2, s2 = 1.0 / (1.0 + np.exp(g)), 1.0 / (1.0 + np.exp(-g))
+  return np.sqrt(a2), np.sqrt(s2), a2, s2
+
+
+def _np_x_hat(z, g):
+  """E[x_t | z_t] = alpha^2 E[x | z] for x ~ N(MU, S^2), z = alpha^3 x + sigma eps (float64)."""
+  a, _, a2, s2 = _np_terms(g)
+  return a2 * (MU + a ** 3 * S ** 2 * (z - a ** 3 * MU) / (a ** 6 * S ** 2 + s2))
+
+
+def _reference_step_kls(x, eps, num_steps):
+  """KL(q(z_s | z_t, x) || p(z_s | z_t)) for every step i = 1..T, [T, B], float64, fixed eps.
+
+  q: the joint Gaussian of z_s ~ N(alpha_s x_s, sigma_s^2), z_t | z_s ~ N(alpha_{t|s} z_s + alpha_t (x_t
+  - x_s), sigma_{t|s}^2) gives mu_Q = alpha_s x_s + (alpha_{t|s} sigma_s^2 / sigma_t^2)(z_t - alpha_t x_t),
+  var_Q = sigma_{t|s}^2 sigma_s^2 / sigma_t^2. p: the same with x_s, x_t -> x_hat plus the modelled shift
+  alpha_s (gamma_s - gamma_t)(-sigma_t^2 x_hat), and var_P = var_Q (MATH.md sec. 3, w = 1).
+  Linear schedule, non-trainable encoder x_t = alpha_t^2 x, Gaussian-optimal x_hat.
+  """
+  i = np.arange(1, num_steps + 1)[:, None, None]
+  gt = G0 + (G1 - G0) * i / num_steps
+  gs = G0 + (G1 - G0) * (i - 1) / num_steps
+  at, st, at2, st2 = _np_terms(gt)
+  as_, _, as2, ss2 = _np_terms(gs)
+  xt, xs = at2 * x, as2 * x
+  z = at * xt + st * eps
+  ats = at / as_
+  sts2 = st2 - ats ** 2 * ss2
+  k = ats * ss2 / st2
+  mu_q = as_ * xs + k * (z - at * xt)
+  xh = _np_x_hat(z, gt)
+  mu_p = as_ * xh + k * (z - at * xh) + as_ * (gs - gt) * (-st2 * xh)
+  var_q = sts2 * ss2 / st2
+  return np.sum((mu_q - mu_p) ** 2 / (2 * var_q), axis=-1)
+
+
+def test_t_step_loss_converges_to_continuous():
+  # References: float64 per-step Gaussian KLs (above) and the continuous formula of MATH.md sec. 3
+  # evaluated in float64; the library's float32 losses must match both, and the T-step sum must approach
+  # the continuous integral at rate O(1/T).
+  schedule = schedules.linear()
+  enc = diffenc.nontrainable_encoder()
+  eps_fn = _gaussian_eps_fn(schedule)
+  rng = np.random.RandomState(0)
+  b, d = 4, 3
+  x = rng.uniform(-1, 1, (b, d))
+  eps = rng.randn(b, d)
+
+  def tile(a, n):
+    return jnp.asarray(np.tile(a[None], (n, 1, 1)).reshape(-1, d), jnp.float32)
+
+  loss = jax.jit(lambda x, t, e, num_steps: diffenc.diffusion_loss(
+      x, t, e, schedule=schedule, encoder=enc, eps_fn=eps_fn, num_steps=num_steps),
+                 static_argnums=3)
+
+  # Continuous loss at N midpoints (midpoint rule for the integral over t).
+  n = 4096
+  tt = (np.arange(n) + 0.5) / n
+  cont = np.asarray(loss(tile(x, n), jnp.asarray(np.repeat(tt, b), jnp.float32), tile(eps, n), None))
+  cont = cont.reshape(n, b)
+  g = (G0 + (G1 - G0) * tt)[:, None, None]
+  a, s, a2, s2 = _np_terms(g)
+  xt = a2 * x
+  xh = _np_x_hat(a * xt + s * eps, g)
+  cont_ref = 0.5 * (G1 - G0) * np.sum(
+      np.exp(-g) * ((xt - xh) - (-s2 * a2 * x + s2 * xh)) ** 2, axis=-1)
+  # Float32 agreement; the absolute slack covers t ~ 1 where the loss is ~1e-6 nats and eps - eps_hat
+  # is a cancellation inside the (float32) model itself.
+  np.testing.assert_allclose(cont, cont_ref, rtol=1e-5, atol=1e-4)
+  integral = cont.mean(axis=0)
+
+  errors = []
+  for num_steps in (10, 100, 1000):
+    kl = _reference_step_kls(x, eps, num_steps)  # [T, B]
+    tm = (np.arange(1, num_steps + 1) - 0.5) / num_steps
+    ours = np.asarray(loss(tile(x, num_steps), jnp.asarray(np.repeat(tm, b), jnp.float32),
+                           tile(eps, num_steps), num_steps)).reshape(num_steps, b)
+    # T-step loss at step i = T KL_i (float32 vs float64). rtol: at T = 1000, Delta = gamma_t - gamma_s
+    # ~ 0.018 is a difference of float32 gammas ~ -13 (rounding ~1e-6), i.e. ~5e-5 relative in
+    # expm1(Delta); the atol covers t ~ 1 as above.
+    np.testing.assert_allclose(ours, num_steps * kl, rtol=1e-4, atol=1e-4)
+    errors.append(np.max(np.abs(kl.sum(0) - integral) / integral))
+  # Observed relative errors: ~1.8, ~0.09, ~0.009 (first order in 1/T).
+  assert errors[0] > 5 * errors[1] > 25 * errors[2], errors
+  assert errors[2] < 0.015, errors
+
+
+# ----------------------------------------------------------------------------------------------------
+# Alternative forms of the same loss.
+# ----------------------------------------------------------------------------------------------------
+def test_v_form_of_published_code():
+  # Reference: DiffEnc's published v-form, 1/2 gamma' alpha^2 ||v - v_hat + sigma (x_hat - x_t + y +
+  # dy/dgamma)||^2 with v = alpha eps - sigma x_t, v_hat = alpha eps_hat - sigma x_hat (MATH.md sec. 3).
+  schedule = schedules.cosine()
+  enc = diffenc.trainable_encoder(_smooth_y_fn)
+  eps_fn = _gaussian_eps_fn(schedule)
+  x, eps = _data(batch=5)
+  t = jnp.linspace(0.05, 0.95, 5)
+
+  @jax.jit
+  def both(x, t, eps):
+    ours = diffenc.diffusion_loss(x, t, eps, schedule=schedule, encoder=enc, eps_fn=eps_fn)
+    gamma, dgamma = schedule.gamma_and_dgamma(t)
+    g = vdm.bcast(gamma, x)
+    a, s = schedules.alpha_from_gamma(g), schedules.sigma_from_gamma(g)
+    y, dy = jax.jvp(lambda gg: _smooth_y_fn(x, gg), (gamma,), (jnp.ones_like(gamma),))
+    xt = a * a * x + s * s * y
+    z = a * xt + s * eps
+    eps_hat = eps_fn(z, t)
+    x_hat = (z - s * eps_hat) / a
+    v, v_hat = a * eps - s * xt, a * eps_hat - s * x_hat
+    ref = 0.5 * dgamma * jnp.sum((a * (v - v_hat + s * (x_hat - xt + y + dy))) ** 2, axis=-1)
+    return ours, ref
+
+  ours, ref = both(x, t, eps)
+  np.testing.assert_allclose(ours, ref, rtol=1e-4)
+
+
+@pytest.mark.parametrize("num_steps", [None, 50])
+def test_x_hat_fn_matches_eps_fn(num_steps):
+  # Reference: the same model given as x_hat = (z - sigma eps_hat) / alpha (MATH.md sec. 0).
+  schedule = schedules.linear()
+  enc = diffenc.nontrainable_encoder()
+  eps_fn = _gaussian_eps_fn(schedule)
+
+  def x_hat_fn(z, t):
+    g = vdm.bcast(schedule.gamma(t), z)
+    return vdm.x_from_eps(z, eps_fn(z, t), schedules.alpha_from_gamma(g),
+                          schedules.sigma_from_gamma(g))
+
+  x, eps = _data(batch=5)
+  t = jnp.linspace(0.1, 0.9, 5)
+  a = diffenc.diffusion_loss(x, t, eps, schedule=schedule, encoder=enc, eps_fn=eps_fn,
+                             num_steps=num_steps)
+  b = diffenc.diffusion_loss(x, t, eps, schedule=schedule, encoder=enc, x_hat_fn=x_hat_fn,
+                             num_steps=num_steps)
+  np.testing.assert_allclose(a, b, rtol=1e-4)
+
+
+def test_nontrainable_shift_is_exact_for_perfect_prediction():
+  # Reference: d_hat = -sigma^2 x_hat is the exact derivative of alpha^2 x when x_hat = x_t (MATH.md
+  # sec. 3), so a model that predicts x_t exactly has zero continuous loss; without the shift it does not.
+  schedule = schedules.linear()
+  enc = diffenc.nontrainable_encoder()
+  x, eps = _data(batch=4)
+  t = jnp.array([0.02, 0.3, 0.6, 0.95])
+  oracle = lambda z, tt: eps  # eps_hat = eps  <=>  x_hat = x_t
+  with_shift = diffenc.diffusion_loss(x, t, eps, schedule=schedule, encoder=enc, eps_fn=oracle)
+  without = diffenc.diffusion_loss(x, t, eps, schedule=schedule, encoder=enc, eps_fn=oracle,
+                                   model_shift=False)
+  np.testing.assert_allclose(with_shift, 0.0, atol=1e-10)
+  assert np.all(without > 0) and np.max(without) > 0.1
+
+
+# ----------------------------------------------------------------------------------------------------
+# Encoder derivatives.
+# ----------------------------------------------------------------------------------------------------
+ENCODERS = {
+    "identity": diffenc.identity_encoder,
+    "nontrainable": diffenc.nontrainable_encoder,
+    "trainable": lambda: diffenc.trainable_encoder(_smooth_y_fn),
+    "function": lambda: lambda x, g: jnp.cos(0.2 * vdm.bcast(g, x)) * x,  # a plain callable
+}
+
+
+@pytest.mark.parametrize("name", list(ENCODERS))
+def test_encoder_jvp_matches_finite_differences(name):
+  # Reference: central finite differences in float64, (enc(g + h) - enc(g - h)) / 2h, error O(h^2).
+  enc = ENCODERS[name]()
+  with jax.enable_x64(True):
+    rng = np.random.RandomState(0)
+    x = jnp.asarray(rng.uniform(-1, 1, (4, 3)), jnp.float64)
+    gamma = jnp.asarray([-13.3, -4.0, 0.5, 5.0], jnp.float64)
+    xt, dxt = diffenc.encoder_and_derivative(enc, x, gamma)
+    h = 1e-5
+    fd = (enc(x, gamma + h) - enc(x, gamma - h)) / (2 * h)
+    np.testing.assert_allclose(xt, enc(x, gamma), rtol=1e-14)
+    np.testing.assert_allclose(dxt, fd, rtol=1e-6, atol=1e-10)
+  if name == "nontrainable":  # closed form: d(alpha^2 x)/d gamma = -sigma^2 alpha^2 x
+    np.testing.assert_allclose(dxt, -(jax.nn.sigmoid(gamma) * jax.nn.sigmoid(-gamma))[:, None] * x,
+                               rtol=1e-10)
+
+
+def test_nontrainable_derivative_is_accurate_in_float32_at_low_noise():
+  # Reference: float64 closed form -sigma^2 alpha^2 x. At gamma = -13.3 a jvp of sigmoid(-gamma) would
+  # give alpha^2 (1 - alpha^2) with ~2 correct digits; the encoder is written through sigma^2 instead.
+  x = jnp.array([[0.5, -0.9, 0.1]], jnp.float32)
+  gamma = jnp.array([-13.3], jnp.float32)
+  _, dxt = diffenc.encoder_and_derivative(diffenc.nontrainable_encoder(), x, gamma)
+  g = -13.3
+  ref = -(1 / (1 + np.exp(-g))) * (1 / (1 + np.exp(g))) * np.asarray(x, np.float64)
+  np.testing.assert_allclose(dxt, ref, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The encoder network and the trainable encoder at initialisation.
+# ----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_net():
+  # One level (attention inside it) keeps XLA's CPU compile short; multi-level shapes are checked by
+  # shape inference in test_encoder_net_shapes_and_zero_init.
+  net = encoder_net.EncoderUNet(ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(8,),
+                                num_groups=4)
+  x = jnp.zeros((2, 8, 8, 1), jnp.float32)
+  # An rbg key: compiling the initialisers with the default threefry key takes ~4x longer on CPU.
+  params = jax.jit(net.init)(jax.random.key(0, impl="rbg"), x, jnp.zeros((2,)))["params"]
+  return net, params
+
+
+def test_encoder_net_shapes_and_zero_init(tiny_net):
+  # Reference: DiffEnc sec. 4 -- tanh of a zero-initialised output layer, so y = 0 at init.
+  net, params = tiny_net
+  x, _ = _data(batch=2, shape=(8, 8, 1))
+  y = jax.jit(lambda p, x, g: net.apply({"params": p}, x, g))(params, x, jnp.array([0.1, 0.9]))
+  assert y.shape == x.shape
+  np.testing.assert_array_equal(y, 0.0)
+  # Multi-level networks on 8x8x1 and 32x32x3 by shape inference only (no compilation: fast on CPU).
+  for shape, ch_mult, attn in (((2, 8, 8, 1), (1, 2), (4,)), ((2, 32, 32, 3), (1, 2, 2), (8,))):
+    big = encoder_net.EncoderUNet(ch=16, ch_mult=ch_mult, num_res_blocks=1, attn_resolutions=attn,
+                                  num_groups=8)
+    xs = jax.ShapeDtypeStruct(shape, jnp.float32)
+    gs = jax.ShapeDtypeStruct(shape[:1], jnp.float32)
+    variables = jax.eval_shape(big.init, jax.random.PRNGKey(0), xs, gs)
+    out = jax.eval_shape(lambda v, x, g: big.apply(v, x, g), variables, xs, gs)
+    assert out.shape == shape and out.dtype == jnp.float32
+
+
+def test_trainable_encoder_at_init_equals_nontrainable(tiny_net):
+  # Reference: DiffEnc sec. 4 -- at init y = 0, so alpha^2 x + sigma^2 y = alpha^2 x and the losses agree.
+  net, params = tiny_net
+  schedule = schedules.linear()
+  trainable = diffenc.trainable_encoder(diffenc.y_fn_from_module(net, params))
+  fixed = diffenc.nontrainable_encoder()
+  x, _ = _data(batch=2, shape=(8, 8, 1))
+  eps_fn = _gaussian_eps_fn(schedule)
+
+  @jax.jit
+  def both(rng):
+    out = []
+    for enc in (trainable, fixed):
+      nelbo, terms = diffenc.negative_elbo(rng, x, schedule=schedule, encoder=enc, eps_fn=eps_fn,
+                                           num_levels=256)
+      out.append((nelbo, terms["prior"], terms["recon"], terms["diff"]))
+    return out
+
+  ours, ref = both(jax.random.PRNGKey(5))
+  for a, b in zip(ours, ref):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_trainable_encoder_with_network_jvp_matches_finite_differences(tiny_net):
+  # References: central finite differences (float32, h = 1e-2: observed relative error ~1e-5), and the
+  # product rule d/dgamma [sigma^2 (y - x)] = sigma^2 alpha^2 (y - x) + sigma^2 dy/dgamma.
+  net, params = tiny_net
+  # Perturb the zero output layer so that y depends on x and gamma.
+  params = dict(params)
+  params["conv_out"] = jax.tree_util.tree_map(
+      lambda p: 0.3 * jax.random.normal(jax.random.PRNGKey(1), p.shape), params["conv_out"])
+  y_fn = diffenc.y_fn_from_module(net, params)
+  enc = diffenc.trainable_encoder(y_fn)
+  x, _ = _data(batch=2, shape=(8, 8, 1))
+  gamma = jnp.array([-6.0, 1.0], jnp.float32)
+  h = 1e-2
+
+  @jax.jit
+  def run(gamma):
+    _, d = diffenc.encoder_and_derivative(enc, x, gamma)
+    fd = (enc(x, gamma + h) - enc(x, gamma - h)) / (2 * h)
+    y, dy = jax.jvp(lambda g: y_fn(x, g), (gamma,), (jnp.ones_like(gamma),))
+    s2 = vdm.bcast(jax.nn.sigmoid(gamma), x)
+    return d, fd, s2 * (1 - s2) * (y - x) + s2 * dy, y
+
+  d, fd, product_rule, y = run(gamma)
+  assert np.max(np.abs(y)) > 1e-2  # y is non-trivial
+  scale = np.max(np.abs(d))
+  np.testing.assert_allclose(d, fd, rtol=0, atol=1e-3 * scale)
+  np.testing.assert_allclose(d, product_rule, rtol=1e-5, atol=1e-6 * scale)

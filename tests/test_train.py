@@ -1,0 +1,156 @@
+"""Trainer: compile once, the work-directory contract, clear errors for bad configs and data."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments.configs import quickstart
+from vdiff import data as data_lib
+from vdiff import parallel
+from vdiff import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides):
+  c = quickstart.get_config("tiny")
+  for k, v in overrides.items():
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return c
+
+
+@pytest.mark.parametrize("steps_per_dispatch", [1, 2])
+def test_train_step_traces_once(steps_per_dispatch):
+  config = tiny_config(**{"training.steps_per_dispatch": steps_per_dispatch})
+  ds = train.load_data(config, "train")
+  model = train.build_model(config, ds)
+  tx = train.optimizer_from_config(config)
+  mesh = parallel.make_mesh()
+  state = train.init_state(model, tx, jax.random.PRNGKey(0), mesh)
+  traces = []
+  step_fn = train.make_train_step(model, ema_decay=0.9)
+
+  def counted(state, batch):
+    traces.append(1)  # Python side effect: runs only while tracing
+    return step_fn(state, batch)
+
+  jitted = train.jit_train_step(counted, mesh, steps_per_dispatch=steps_per_dispatch)
+  losses = []
+  for i in range(4):
+    local = train._stack_batches(ds, config, i * steps_per_dispatch, steps_per_dispatch)  # pylint: disable=protected-access
+    batch = parallel.global_batch(local, parallel.batch_sharding(
+        mesh, leading_axes=0 if steps_per_dispatch == 1 else 1),
+        batch_axis=0 if steps_per_dispatch == 1 else 1)
+    state, metrics = jitted(state, batch)
+    losses.append(float(metrics["loss"]))
+  assert len(traces) == 1, f"the train step was traced {len(traces)} times"
+  assert int(state.step) == 4 * steps_per_dispatch
+  assert all(np.isfinite(losses))
+
+
+def test_scan_equals_single_steps():
+  """Two steps in one lax.scan dispatch give the parameters of two single-step dispatches."""
+  config = tiny_config()
+  ds = train.load_data(config, "train")
+  model = train.build_model(config, ds)
+  tx = train.optimizer_from_config(config)
+  mesh = parallel.make_mesh()
+  init = lambda: jax.jit(lambda r: train.create_train_state(model, tx, r))(jax.random.PRNGKey(0))
+  step_fn = train.make_train_step(model, ema_decay=0.9)
+  one = train.jit_train_step(step_fn, mesh, steps_per_dispatch=1)
+  two = train.jit_train_step(step_fn, mesh, steps_per_dispatch=2)
+  s1 = init()
+  for i in range(2):
+    s1, _ = one(s1, jax.tree.map(jnp.asarray, train._stack_batches(ds, config, i, 1)))  # pylint: disable=protected-access
+  s2, _ = two(init(), jax.tree.map(jnp.asarray, train._stack_batches(ds, config, 0, 2)))  # pylint: disable=protected-access
+  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_nonfinite_update_is_skipped_and_counted():
+  config = tiny_config()
+  ds = train.load_data(config, "train")
+  model = train.build_model(config, ds)
+  tx = train.optimizer_from_config(config)
+  state = train.create_train_state(model, tx, jax.random.PRNGKey(0))
+  before = jax.tree.map(np.asarray, state.params)
+  step = jax.jit(train.make_train_step(model, ema_decay=0.9, nan_policy="skip", inject_nan_at_step=0))
+  state, metrics = step(state, jax.tree.map(jnp.asarray, train._stack_batches(ds, config, 0, 1)))  # pylint: disable=protected-access
+  assert float(metrics["finite"]) == 0.0
+  assert int(state.nonfinite_count) == 1 and int(state.first_nonfinite_step) == 0
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state.params)):
+    np.testing.assert_array_equal(a, np.asarray(b))
+  state, metrics = step(state, jax.tree.map(jnp.asarray, train._stack_batches(ds, config, 1, 1)))  # pylint: disable=protected-access
+  assert float(metrics["finite"]) == 1.0 and int(state.nonfinite_count) == 1
+
+
+def _run_cli(workdir, *extra, env=None):
+  cmd = [sys.executable, "-m", "experiments.main",
+         "--config=experiments/configs/quickstart.py:tiny", f"--workdir={workdir}", *extra]
+  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                        env=dict(os.environ, **(env or {})))
+
+
+def test_cli_tiny_writes_the_workdir_contract(tmp_path):
+  workdir = str(tmp_path / "run")
+  proc = _run_cli(workdir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "test bits/dim" in proc.stdout
+  files = set(os.listdir(workdir))
+  assert {"config.json", "metrics.jsonl", "eval.json", "checkpoints"} <= files
+  assert any(f.endswith(".png") for f in files) and any(f.endswith(".npz") for f in files)
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  train_rows = [r for r in rows if "loss" in r]
+  assert train_rows and all({"step", "loss", "bpd"} <= set(r) for r in train_rows)
+  ev = json.load(open(os.path.join(workdir, "eval.json")))
+  assert {"step", "split", "bpd", "bpd_stderr", "estimator", "num_examples"} <= set(ev)
+  assert ev["step"] == 20 and ev["split"] == "test" and ev["estimator"] == "elbo"
+  assert ev["num_examples"] == 128 and np.isfinite(ev["bpd"])
+  # The printed figure is the one in eval.json.
+  assert f"{ev['bpd']:.4f}" in proc.stdout
+  cfg = json.load(open(os.path.join(workdir, "config.json")))
+  assert cfg["training"]["num_steps"] == 20
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1] == "20"
+
+
+def test_cli_refuses_unknown_config_key(tmp_path):
+  proc = _run_cli(str(tmp_path / "x"), "--config.training.not_a_key=3")
+  assert proc.returncode != 0
+  assert "not_a_key" in proc.stderr
+  assert not os.path.exists(tmp_path / "x" / "checkpoints")
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("training.batch_size", 0, "training.batch_size must be >= 1"),
+    ("model.schedule.gamma_min", 6.0, "gamma_min"),
+    ("training.nan_policy", "ignore", "training.nan_policy"),
+    ("training.ema_decay", 1.5, "training.ema_decay"),
+    ("model.family", "gan", "model.family"),
+    ("eval.estimator", "bogus", "eval.estimator"),
+])
+def test_bad_config_values_are_refused(tmp_path, key, value, message):
+  config = tiny_config(**{key: value})
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(config, str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+@pytest.mark.parametrize("images,message", [
+    (np.zeros((4, 8, 8), np.int32), "rank"),
+    (np.full((4, 8, 8, 1), 17, np.int32), "num_levels|range|< 17|>= 17"),
+    (np.full((4, 8, 8, 1), -1, np.int32), "negative|range|>= 0|< 0"),
+    (np.full((4, 8, 8, 1), 0.5, np.float32), "integer"),
+])
+def test_bad_data_is_refused(images, message):
+  with pytest.raises(ValueError, match=message):
+    data_lib.validate_images(images, 17)

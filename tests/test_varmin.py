@@ -1,0 +1,187 @@
+"""Tests of vdiff.varmin: the variance-minimising gradient of the schedule's shape (VDM, arXiv:2107.00630,
+sec. 5; MATH.md sec. 2).
+
+Reference for every gradient below: direct autodiff of the defining expressions,
+  shape parameters:          d/d eta [ mean_b L_b^2 ]     (= mean_b 2 L_b dL_b/d eta)
+  everything else:           d/d theta [ mean_b L_b ]     (the ordinary ELBO gradient),
+with L_b the per-example diffusion loss from vdm.diffusion_loss / diffenc.diffusion_loss.
+"""
+
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vdiff import diffenc
+from vdiff import schedules
+from vdiff import varmin
+from vdiff import vdm
+
+B, D = 8, 3
+GAMMA_MODULE = schedules.PinnedMonotoneGamma(n_features=16)
+NUM_LABELS = 3
+
+
+def _params():
+  rng = jax.random.PRNGKey(0)
+  sched = GAMMA_MODULE.init(rng, jnp.zeros((2,)))["params"]
+  # A shape far from linear (the default init's nonlinear part is ~1e-3 of the linear one), so that
+  # the shape gradients are well above float32 noise.
+  shape = dict(sched["shape"])
+  shape["l2"] = dict(shape["l2"], kernel=300.0 * shape["l2"]["kernel"])
+  shape["l3"] = dict(shape["l3"], kernel=1000.0 * shape["l3"]["kernel"])
+  sched = dict(sched, gamma_0=jnp.float32(-11.0), gamma_1=jnp.float32(4.0), shape=shape)
+  theta = {"w": jnp.array([0.9, 1.1, 0.7]), "c": jnp.array([0.3, -0.2, 0.5]),
+           "label": jnp.array([0.0, 0.1, -0.1])}
+  phi = {"a": jnp.array(0.4), "b": jnp.array(-0.3)}
+  return {"schedule": sched, "theta": theta, "phi": phi}
+
+
+def _batch():
+  rng = np.random.RandomState(0)
+  return {"x": jnp.asarray(rng.uniform(-1, 1, (B, D)), jnp.float32),
+          "t": vdm.sample_times(jax.random.PRNGKey(1), B),
+          "eps": jnp.asarray(rng.randn(B, D), jnp.float32),
+          "label": jnp.asarray(rng.randint(0, NUM_LABELS, (B,)), jnp.int32)}  # an integer leaf
+
+
+def _eps_fn(schedule, theta, label):
+  """A small class-conditional denoiser, conditioned on gamma through vdm.make_eps_fn."""
+  apply = lambda z, g: (jnp.tanh(theta["w"] * z + theta["c"] * g[:, None])
+                        + theta["label"][label][:, None])
+  return vdm.make_eps_fn(apply, schedule)
+
+
+def _encoder(phi):
+  return diffenc.trainable_encoder(
+      lambda x, g: jnp.tanh(phi["a"] * x + phi["b"] * vdm.bcast(g, x) / 10.0))
+
+
+def _diff_loss_fn(params, kind, num_steps):
+  """(schedule_params, batch) -> [B], closing over the denoiser (and encoder) parameters."""
+
+  def fn(schedule_params, b):
+    schedule = schedules.from_module(GAMMA_MODULE, schedule_params)
+    eps_fn = _eps_fn(schedule, params["theta"], b["label"])
+    if kind == "vdm":
+      return vdm.diffusion_loss(b["x"], b["t"], b["eps"], schedule=schedule, eps_fn=eps_fn,
+                                num_steps=num_steps)
+    return diffenc.diffusion_loss(b["x"], b["t"], b["eps"], schedule=schedule,
+                                  encoder=_encoder(params["phi"]), eps_fn=eps_fn, num_steps=num_steps)
+
+  return fn
+
+
+def _split(grads):
+  """(shape gradient, every other gradient)."""
+  shape = grads["schedule"]["shape"]
+  rest = dict(grads, schedule={k: v for k, v in grads["schedule"].items() if k != "shape"})
+  return shape, rest
+
+
+def _assert_trees_close(a, b, rtol=1e-4):
+  """Leafwise allclose, with an absolute slack of rtol times the largest entry of the whole tree (some
+  entries, e.g. the shape's l1 bias, are zero in exact arithmetic and float32 noise in practice)."""
+  scale = max(float(np.max(np.abs(leaf))) for leaf in jax.tree_util.tree_leaves(b))
+  jax.tree_util.tree_map(
+      lambda u, v: np.testing.assert_allclose(u, v, rtol=rtol, atol=rtol * scale), a, b)
+
+
+@pytest.mark.parametrize("kind,num_steps", [("vdm", None), ("diffenc", 20)])
+def test_gradients_are_variance_for_shape_and_elbo_for_the_rest(kind, num_steps):
+  params, batch = _params(), _batch()
+
+  def varmin_mean(p, cotangent):
+    losses = varmin.variance_minimizing_diffusion_loss(
+        _diff_loss_fn(p, kind, num_steps), p["schedule"], batch)
+    return jnp.sum(cotangent * losses), losses
+
+  def direct(p, cotangent, power):
+    losses = _diff_loss_fn(p, kind, num_steps)(p["schedule"], batch)
+    return jnp.sum(cotangent * losses ** power)
+
+  @jax.jit
+  def run(p, cotangent):
+    (_, losses), g = jax.value_and_grad(varmin_mean, has_aux=True)(p, cotangent)
+    g_l = jax.grad(direct)(p, cotangent, 1)
+    g_l2 = jax.grad(direct)(p, cotangent, 2)
+    ref_losses = _diff_loss_fn(p, kind, num_steps)(p["schedule"], batch)
+    return losses, ref_losses, g, g_l, g_l2
+
+  # Mean over the batch (c_b = 1/B), then an arbitrary cotangent c_b (e.g. a bits/dim scale or a mask).
+  for cotangent in (jnp.full((B,), 1.0 / B), jnp.linspace(-0.5, 1.0, B)):
+    losses, ref_losses, g, g_l, g_l2 = run(params, cotangent)
+    # The value is unchanged (rtol: per-example vs batched evaluation round differently).
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    shape, rest = _split(g)
+    shape_l, rest_l = _split(g_l)
+    shape_l2, _ = _split(g_l2)
+    _assert_trees_close(shape, shape_l2)  # shape: d/d eta sum_b c_b L_b^2
+    _assert_trees_close(rest, rest_l)  # endpoints, denoiser, encoder: d/d theta sum_b c_b L_b
+    # The two shape gradients really differ (the test is not vacuous).
+    kernel = lambda tree: np.asarray(tree["l2"]["kernel"])
+    assert np.max(np.abs(kernel(shape_l) - kernel(shape))) > 1e-3 * np.max(np.abs(kernel(shape)))
+    assert np.max(np.abs(rest["schedule"]["gamma_0"])) > 0 and np.max(np.abs(rest["theta"]["w"])) > 0
+
+
+@pytest.mark.parametrize("with_encoder,check_grads", [(False, True), (True, False)])
+def test_negative_elbo_matches_and_routes_gradients(with_encoder, check_grads):
+  # (The DiffEnc gradients are checked above; here only its value, to keep CPU compile time short.)
+  # Reference: vdm.negative_elbo / diffenc.negative_elbo with the same rng; prior and reconstruction
+  # depend on the schedule only through gamma_0, gamma_1, so the shape gradient of the mean -ELBO under
+  # varmin is d/d eta mean_b(L_diff,b^2).
+  params = _params()
+  x = jnp.asarray(np.random.RandomState(2).randint(0, 256, (B, D)) / 127.5 - 1.0, jnp.float32)
+  label = jnp.asarray(np.random.RandomState(3).randint(0, NUM_LABELS, (B,)), jnp.int32)
+  rng = jax.random.PRNGKey(7)
+
+  def ours(p):
+    nelbo, terms = varmin.negative_elbo(
+        rng, x, gamma_module=GAMMA_MODULE, schedule_params=p["schedule"],
+        eps_fn_from_schedule=lambda s, c: _eps_fn(s, p["theta"], c), cond=label, num_levels=256,
+        encoder=_encoder(p["phi"]) if with_encoder else None)
+    return jnp.mean(nelbo), (nelbo, terms)
+
+  def ref(p):
+    schedule = schedules.from_module(GAMMA_MODULE, p["schedule"])
+    eps_fn = _eps_fn(schedule, p["theta"], label)
+    if with_encoder:
+      return diffenc.negative_elbo(rng, x, schedule=schedule, encoder=_encoder(p["phi"]),
+                                   eps_fn=eps_fn, num_levels=256)
+    return vdm.negative_elbo(rng, x, schedule=schedule, eps_fn=eps_fn, num_levels=256)
+
+  @jax.jit
+  def values(p):
+    return ours(p)[1], ref(p)
+
+  (nelbo, terms), (ref_nelbo, ref_terms) = values(params)
+  np.testing.assert_allclose(nelbo, ref_nelbo, rtol=1e-5)
+  for k in ("prior", "recon", "diff"):
+    np.testing.assert_allclose(terms[k], ref_terms[k], rtol=1e-5)
+  if not check_grads:
+    return
+
+  @jax.jit
+  def grads(p):
+    g = jax.grad(lambda q: ours(q)[0])(p)
+    g_elbo = jax.grad(lambda q: jnp.mean(ref(q)[0]))(p)
+    g_var = jax.grad(lambda q: jnp.mean(ref(q)[1]["diff"] ** 2))(p)
+    return g, g_elbo, g_var
+
+  g, g_elbo, g_var = grads(params)
+  shape, rest = _split(g)
+  _, rest_elbo = _split(g_elbo)
+  shape_var, _ = _split(g_var)
+  _assert_trees_close(shape, shape_var)
+  _assert_trees_close(rest, rest_elbo)
+
+
+def test_misuse_raises():
+  with pytest.raises(KeyError):
+    varmin.variance_minimizing_diffusion_loss(lambda p, b: b["x"], {"w": 1.0}, {"x": jnp.ones(2)})
+  # A loss that mixes examples (here through a closed-over batch array) is not separable.
+  closed = jnp.arange(4.0)
+  with pytest.raises(ValueError, match="separable"):
+    varmin.variance_minimizing_diffusion_loss(lambda p, b: p["shape"] * b["x"] + closed,
+                                              {"shape": jnp.float32(1.0)}, {"x": jnp.ones(4)})

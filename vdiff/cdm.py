@@ -1,0 +1,295 @@
+"""Classification Diffusion Models: a noise-level classifier that is a denoiser and a one-step likelihood.
+
+Yadin, Elata, Michaeli, "Classification Diffusion Models: Revitalizing Density Ratio Estimation",
+NeurIPS 2024, arXiv:2402.10095 (CDM). Notation of shared/MATH.md sec. 4.
+
+Classes t in {0, 1, ..., T, T + 1} with abar_0 = 1 (clean data), abar_i = alpha^2(i / T) of a schedule for
+i = 1..T, abar_{T+1} = 0 (pure N(0, I)); x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps, and a prior p_t over
+the classes (uniform by default). A network f(x) -> logits [B, T + 2], with NO time input, is trained
+to classify t from x_t. With
+
+    F(x, t) = log p(T + 1 | x) - log p(t | x) = logit[T + 1] - logit[t]:
+
+  * denoiser (CDM Thm 3.1):   E[eps | x_t = x] = sqrt(1 - abar_t) (grad_x F(x, t) + x);
+  * density   (CDM Thm 3.2):  log p_{x_t}(x) = log p_t(T + 1) - log p_t(t) - F(x, t) + log N(x; 0, I);
+    at t = 0 this is the data density, in ONE network evaluation.
+
+Both follow from Bayes: p(t | x) / p(T + 1 | x) = p_t(t) p_{x_t}(x) / (p_t(T + 1) N(x; 0, I)), and
+E[eps | x_t = x] = -sqrt(1 - abar_t) grad log p_{x_t}(x) (Tweedie). The logits need not be normalised:
+every formula uses differences of logits, in which log-softmax's log-sum-exp cancels.
+
+Every function is pure and jit-able and returns per-example values [B] in nats; the caller reduces.
+A `logits_fn` is any callable z [B, ...] -> logits [B, T + 2] whose examples are independent (no
+batch statistics), e.g. `functools.partial(model.apply, {'params': params})`.
+
+Numerics: the grid is given as abar and sigma_t = sqrt(1 - abar_t) is formed from it in float32. For
+abar_1 close to 1 (VDM's gamma_min = -13.3 gives 1 - abar_1 = 1.7e-6) this keeps only a couple of
+significant digits of sigma_1^2; it only affects the smallest noise level, whose eps_hat is then tiny.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from vdiff import likelihood
+from vdiff import schedules as schedules_lib
+
+Array = jax.Array
+LogitsFn = Callable[[Array], Array]
+EpsFn = Callable[[Array, Array], Array]
+
+
+def _bcast(a: Array, x: Array) -> Array:
+  """Per-example values a [B] reshaped to broadcast against x [B, ...]."""
+  return a.reshape(a.shape + (1,) * (x.ndim - a.ndim))
+
+
+def _flat(x: Array) -> Array:
+  return x.reshape(x.shape[0], -1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The class grid and validation.
+# ----------------------------------------------------------------------------------------------------
+def abar_grid(schedule: schedules_lib.Schedule, num_steps: int) -> Array:
+  """The CDM class grid abar [T + 2]: abar_0 = 1, abar_i = alpha^2(i / T) (i = 1..T), abar_{T+1} = 0.
+
+  Classes 1..T are the schedule's discrete grid (`Schedule.discrete_alpha2`, the samplers' t = i / T);
+  class T + 1 is pure noise N(0, I) (CDM sec. 3, arXiv:2402.10095).
+
+  Args:
+    schedule: any noise schedule. num_steps: T >= 1.
+  Returns:
+    abar, float32 [T + 2].
+  """
+  if num_steps < 1:
+    raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
+  return jnp.concatenate([schedule.discrete_alpha2(num_steps), jnp.zeros((1,), jnp.float32)])
+
+
+def _check_abar(abar: Array, num_steps: int | None = None) -> Array:
+  abar = jnp.asarray(abar, jnp.float32)
+  if abar.ndim != 1 or abar.shape[0] < 3:
+    raise ValueError(f"abar must have shape [T + 2] with T >= 1, got {abar.shape}.")
+  if num_steps is not None and abar.shape[0] != num_steps + 2:
+    raise ValueError(f"abar has {abar.shape[0]} classes but num_steps = {num_steps} needs"
+                     f" num_steps + 2 = {num_steps + 2}.")
+  return abar
+
+
+def _check_logits(logits: Array, batch: int, num_classes: int | None = None) -> None:
+  if logits.ndim != 2 or logits.shape[0] != batch:
+    raise ValueError(f"logits must have shape [B, T + 2] with B = {batch}, got {logits.shape}.")
+  if num_classes is not None and logits.shape[1] != num_classes:
+    raise ValueError(f"logits have {logits.shape[1]} classes but abar (or class_prior) has {num_classes}"
+                     f" (T mismatch: the network's num_classes_out must be T + 2).")
+
+
+def _log_prior(class_prior: Array | None, num_classes: int) -> Array:
+  """log p_t over the T + 2 classes (uniform when class_prior is None)."""
+  if class_prior is None:
+    return jnp.full((num_classes,), -math.log(num_classes), jnp.float32)
+  class_prior = jnp.asarray(class_prior, jnp.float32)
+  if class_prior.shape != (num_classes,):
+    raise ValueError(f"class_prior must have shape [T + 2] = ({num_classes},), got {class_prior.shape}.")
+  return jnp.log(class_prior / jnp.sum(class_prior))
+
+
+def _as_class_index(t: Array, batch: int) -> Array:
+  t = jnp.asarray(t)
+  if t.ndim not in (0, 1) or (t.ndim == 1 and t.shape[0] != batch):
+    raise ValueError(f"t must be a scalar or have shape [B] = ({batch},), got {t.shape}.")
+  return jnp.broadcast_to(t.astype(jnp.int32), (batch,))
+
+
+# ----------------------------------------------------------------------------------------------------
+# F, the denoiser and the loss.
+# ----------------------------------------------------------------------------------------------------
+def log_ratio(logits: Array, t: Array) -> Array:
+  """F(x, t) = log p(T + 1 | x) - log p(t | x) = logit[T + 1] - logit[t]   (CDM eq. for Thm 3.1).
+
+  Args:
+    logits: [B, T + 2] (normalised or not; the normaliser cancels). t: int class index, scalar or [B].
+  Returns:
+    F, [B].
+  """
+  logits = jnp.asarray(logits)
+  if logits.ndim != 2:
+    raise ValueError(f"logits must have shape [B, T + 2], got {logits.shape}.")
+  t = _as_class_index(t, logits.shape[0])
+  picked = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+  return logits[:, -1] - picked
+
+
+def _grad_log_ratio(logits_fn: LogitsFn, z: Array, t: Array,
+                    num_classes: int) -> tuple[Array, Array]:
+  """(grad_z F(z, t) [B, ...], logits [B, T + 2]) with one forward and one backward pass.
+
+  The gradient of sum_b F(z_b, t_b) over the batch is the per-example gradient because examples are
+  independent (the network has no cross-example statistics).
+  """
+
+  def summed_f(z):
+    logits = logits_fn(z)
+    _check_logits(logits, z.shape[0], num_classes)
+    return jnp.sum(log_ratio(logits, t)), logits
+
+  return jax.grad(summed_f, has_aux=True)(z)
+
+
+def make_denoiser(logits_fn: LogitsFn, abar: Array, *, num_steps: int | None = None) -> EpsFn:
+  """The CDM gradient denoiser eps_fn(z, t) (CDM Thm 3.1, arXiv:2402.10095):
+
+      eps_hat(z, i) = sqrt(1 - abar_i) (grad_z F(z, i) + z),   i = clip(round(t T), 1, T),
+
+  with t in [0, 1] on the samplers' grid t = i / T. It plugs into any eps-prediction sampler.
+
+  Args:
+    logits_fn: z [B, ...] -> logits [B, T + 2].
+    abar: the class grid [T + 2] from `abar_grid`.
+    num_steps: T; optional, checked against abar when given.
+  Returns:
+    eps_fn(z [B, ...], t [B] or scalar) -> eps_hat [B, ...].
+  """
+  abar = _check_abar(abar, num_steps)
+  num_classes = abar.shape[0]
+  steps = num_classes - 2
+
+  def eps_fn(z, t):
+    z = jnp.asarray(z, jnp.float32)
+    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), z.shape[:1])
+    i = jnp.clip(jnp.round(t * steps), 1, steps).astype(jnp.int32)
+    grad_f, _ = _grad_log_ratio(logits_fn, z, i, num_classes)
+    sigma = jnp.sqrt(1.0 - abar[i])
+    return _bcast(sigma, z) * (grad_f + z)
+
+  return eps_fn
+
+
+def sample_classes(rng: Array, batch_size: int, num_classes: int, *,
+                   class_prior: Array | None = None) -> Array:
+  """t ~ U{0..T+1} (or ~ class_prior) per example, int32 [B]."""
+  if class_prior is None:
+    return jax.random.randint(rng, (batch_size,), 0, num_classes, jnp.int32)
+  return jax.random.categorical(rng, _log_prior(class_prior, num_classes), shape=(batch_size,))
+
+
+def loss(rng: Array, x: Array, logits_fn: LogitsFn, abar: Array, *, w_ce: float = 1e-3,
+         mse_weight: float = 1.0, class_prior: Array | None = None,
+         t: Array | None = None) -> tuple[Array, dict[str, Array]]:
+  """The CDM training loss per example (CDM sec. 3.3, arXiv:2402.10095):
+
+      t ~ p_t on {0..T+1},  x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps,
+      loss = w_ce CE(t, f(x_t)) + mse_weight mean_dims (eps - eps_hat(x_t, t))^2,
+      eps_hat(x_t, t) = sqrt(1 - abar_t) (grad_x F(x_t, t) + x_t)     (input gradient: the parameter
+                                                                       gradient is second-order AD).
+
+  The paper uses w_ce = 1e-3 and mse_weight = 1; neither term alone works (its Table 1): CE alone leaves
+  the input gradient, hence the denoiser, poor; MSE alone only constrains grad_x F at t >= 1 and leaves
+  the t = 0 logit (the likelihood) undetermined. w_ce = 0 or mse_weight = 0 give those ablations.
+
+  The two end classes, documented because the MSE term is degenerate there:
+    * t = 0: x_t = x carries no information about eps and sqrt(1 - abar_0) = 0, so eps_hat = 0 and the
+      term would be the parameter-free constant mean(eps^2) ~ 1. It is masked to 0 (mse[b] = 0).
+    * t = T + 1: F(x, T + 1) = 0 identically, so eps_hat = x_t = eps and the term is exactly 0 (no mask
+      needed; E[eps | x_t] = x_t is the exact denoiser of pure noise).
+
+  Args:
+    rng: PRNG key. x: [B, ...] data (dequantised to a continuous density for K-level data).
+    logits_fn: x_t [B, ...] -> logits [B, T + 2]. abar: class grid [T + 2].
+    w_ce: weight of the cross-entropy. mse_weight: weight of the denoising MSE.
+    class_prior: optional probabilities [T + 2] to sample t from (must match `log_density`'s prior).
+    t: optional int classes [B] (overrides sampling).
+  Returns:
+    (loss [B], {"ce": [B] cross-entropy in nats, "mse": [B] masked per-dim mean squared error}).
+  """
+  abar = _check_abar(abar)
+  num_classes = abar.shape[0]
+  x = jnp.asarray(x, jnp.float32)
+  rng_t, rng_e = jax.random.split(rng)
+  if t is None:
+    t = sample_classes(rng_t, x.shape[0], num_classes, class_prior=class_prior)
+  t = _as_class_index(t, x.shape[0])
+  eps = jax.random.normal(rng_e, x.shape, jnp.float32)
+  a = _bcast(abar[t], x)
+  sigma = jnp.sqrt(1.0 - a)
+  x_t = jnp.sqrt(a) * x + sigma * eps
+
+  grad_f, logits = _grad_log_ratio(logits_fn, x_t, t, num_classes)
+  # Cross-entropy through log_softmax (a stable log-sum-exp), not log(softmax).
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  ce = -jnp.take_along_axis(log_probs, t[:, None], axis=-1)[:, 0]
+  eps_hat = sigma * (grad_f + x_t)
+  mse = jnp.mean(_flat(jnp.square(eps - eps_hat)), axis=-1)
+  mse = jnp.where(t > 0, mse, 0.0)  # t = 0: parameter-free constant, see the docstring.
+  return w_ce * ce + mse_weight * mse, {"ce": ce, "mse": mse}
+
+
+# ----------------------------------------------------------------------------------------------------
+# One-step likelihood.
+# ----------------------------------------------------------------------------------------------------
+def std_normal_log_density(x: Array) -> Array:
+  """log N(x; 0, I) = -1/2 ||x||^2 - D/2 log(2 pi), per example [B]."""
+  x = _flat(jnp.asarray(x, jnp.float32))
+  return -0.5 * jnp.sum(jnp.square(x), axis=-1) - 0.5 * x.shape[1] * math.log(2.0 * math.pi)
+
+
+def log_density(logits: Array, x: Array, t: Array = 0, *,
+                class_prior: Array | None = None) -> Array:
+  """log p_{x_t}(x) from the classifier's logits at x (CDM Thm 3.2, arXiv:2402.10095):
+
+      log p_{x_t}(x) = log p_t(T + 1) - log p_t(t) + logit[t] - logit[T + 1] + log N(x; 0, I).
+
+  t = 0 gives the data density log p(x) in one network evaluation. The number of classes is read from
+  logits; `class_prior` must be the prior the classifier was trained with (uniform by default).
+  This is a continuous density: for K-level data evaluate it on dequantised data (`one_step_nll_bpd`).
+
+  Args:
+    logits: [B, T + 2], f(x). x: [B, ...] the point the logits were computed at.
+    t: int class, scalar or [B]. class_prior: optional probabilities [T + 2].
+  Returns:
+    log p_{x_t}(x) in nats, [B].
+  """
+  logits = jnp.asarray(logits, jnp.float32)
+  x = jnp.asarray(x, jnp.float32)
+  _check_logits(logits, x.shape[0])
+  num_classes = logits.shape[1]
+  log_prior = _log_prior(class_prior, num_classes)
+  t = _as_class_index(t, x.shape[0])
+  return log_prior[-1] - log_prior[t] - log_ratio(logits, t) + std_normal_log_density(x)
+
+
+def one_step_log_density(logits_fn: LogitsFn, x: Array, *,
+                         class_prior: Array | None = None) -> Array:
+  """log p(x) = log p_t(T + 1) - log p_t(0) + logit[0] - logit[T + 1] + log N(x; 0, I), [B] (CDM Thm 3.2)."""
+  x = jnp.asarray(x, jnp.float32)
+  return log_density(logits_fn(x), x, 0, class_prior=class_prior)
+
+
+def one_step_nll_bpd(logits_fn: LogitsFn, k: Array, *, num_levels: int, rng: Array,
+                     class_prior: Array | None = None) -> tuple[Array, Array]:
+  """One-step CDM negative log-likelihood of K-level integer data, in nats and bits/dim.
+
+  Convention (MATH.md sec. 4, `vdiff.likelihood`): k is encoded to bin centres in (-1, 1) and uniformly
+  dequantised, y = x + Delta (u - 1/2), u ~ U[0, 1)^D, Delta = 2 / K (one draw of u per call). Then
+
+      nats = -log p(y)                                  (a continuous density on [-1, 1]^D),
+      bpd  = nats / (D ln 2) + log2(K / 2)              (`likelihood.nats_to_bpd(..., num_levels=K)`),
+
+  and the expectation over u of bpd upper-bounds -log2 P(k) / D (dequantisation bound; +7 bits/dim for
+  K = 256). The published CDM code skips dequantisation; numbers from it are not comparable.
+
+  Args:
+    logits_fn: y [B, ...] -> logits [B, T + 2]. k: int [B, ...] levels in {0..K-1}.
+    num_levels: K. rng: PRNG key for the dequantisation noise. class_prior: as in `log_density`.
+  Returns:
+    (nats [B], bpd [B]).
+  """
+  y = likelihood.dequantize(rng, k, num_levels)
+  nats = -one_step_log_density(logits_fn, y, class_prior=class_prior)
+  num_dims = math.prod(y.shape[1:])
+  return nats, likelihood.nats_to_bpd(nats, num_dims, num_levels=num_levels)
