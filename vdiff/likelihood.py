@@ -15,6 +15,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from vdiff import checks
+
 Array = jax.Array
 
 
@@ -36,6 +38,7 @@ def decode(x: Array, num_levels: int) -> Array:
 
 def dequantize(rng: Array, k: Array, num_levels: int) -> Array:
   """Uniform dequantisation y = x + Delta (u - 1/2), u ~ U[0, 1): y is uniform over k's bin in [-1, 1]."""
+  checks.levels(k, "k", num_levels)
   x = encode(k, num_levels)
   u = jax.random.uniform(rng, x.shape, jnp.float32)
   return x + (2.0 / num_levels) * (u - 0.5)

@@ -20,6 +20,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from vdiff import checks
 from vdiff import likelihood
 from vdiff import schedules as schedules_lib
 
@@ -169,8 +170,11 @@ def diffusion_loss(x: Array, t: Array, eps: Array, *, schedule: schedules_lib.Sc
     x: [B, ...] data. t: [B] times in [0, 1). eps: [B, ...] noise.
     schedule: the noise schedule. eps_fn: the denoiser. num_steps: T, or None for T = infinity.
   """
+  checks.batch(x, "x")
   chex.assert_equal_shape([x, eps])
   chex.assert_shape(t, (x.shape[0],))
+  if num_steps is not None:
+    checks.positive_int(num_steps, "num_steps")
   if num_steps is None:
     gamma_t, dgamma = schedule.gamma_and_dgamma(t)
     weight = 0.5 * dgamma
@@ -181,6 +185,8 @@ def diffusion_loss(x: Array, t: Array, eps: Array, *, schedule: schedules_lib.Sc
   g = bcast(gamma_t, x)
   z = schedules_lib.alpha_from_gamma(g) * x + schedules_lib.sigma_from_gamma(g) * eps
   eps_hat = eps_fn(z, t)
+  if eps_hat.shape != x.shape:
+    raise ValueError(f"eps_fn(z, t) must return the shape of z, {x.shape}; got {eps_hat.shape}.")
   return weight * _sum_per_example(jnp.square(eps - eps_hat))
 
 
@@ -196,6 +202,10 @@ def negative_elbo(rng: Array, x: Array, *, schedule: schedules_lib.Schedule, eps
   Returns:
     (nelbo [B], {"prior": [B], "recon": [B], "diff": [B]}).
   """
+  checks.batch(x, "x")
+  checks.positive_int(num_levels, "num_levels", minimum=2)
+  if num_steps is not None:
+    checks.positive_int(num_steps, "num_steps")
   rng_t, rng_0, rng_e = jax.random.split(rng, 3)
   if t is None:
     t = sample_times(rng_t, x.shape[0], antithetic=antithetic)

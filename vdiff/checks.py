@@ -1,0 +1,50 @@
+"""Argument checks shared by the public entry points: each error names the argument and what was expected.
+
+Shape and dtype checks run at trace time (free under jit). Value checks (finiteness, level range) run only
+on concrete arrays, i.e. when the function is called eagerly; under jit the values are not known.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def is_concrete(x) -> bool:
+  return not isinstance(x, jax.core.Tracer)
+
+
+def batch(x, name: str, *, min_rank: int = 2, floating: bool = True):
+  """x must be an array [B, ...] of rank >= min_rank (floating point unless floating=False), finite."""
+  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+    raise TypeError(f"{name} must be an array of shape [B, ...], got {type(x).__name__}.")
+  if x.ndim < min_rank:
+    raise ValueError(f"{name} must have rank >= {min_rank} ([B, ...]), got shape {tuple(x.shape)}.")
+  if x.shape[0] == 0:
+    raise ValueError(f"{name} must hold at least one example, got shape {tuple(x.shape)}.")
+  if floating and not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"{name} must be a floating-point array (encoded data), got dtype {x.dtype}.")
+  if floating and is_concrete(x) and not bool(np.all(np.isfinite(np.asarray(x)))):
+    raise ValueError(f"{name} holds NaN or Inf values.")
+  return x
+
+
+def levels(k, name: str, num_levels: int):
+  """k must be integer levels in {0..K-1}."""
+  num_levels = positive_int(num_levels, "num_levels", minimum=2)
+  if not jnp.issubdtype(jnp.asarray(k).dtype, jnp.integer):
+    raise TypeError(f"{name} must hold integer levels in {{0..{num_levels - 1}}}, got dtype "
+                    f"{jnp.asarray(k).dtype}.")
+  if is_concrete(k):
+    a = np.asarray(k)
+    if a.size and (a.min() < 0 or a.max() >= num_levels):
+      raise ValueError(f"{name} must hold levels in {{0..{num_levels - 1}}}, got values in "
+                       f"[{a.min()}, {a.max()}].")
+  return k
+
+
+def positive_int(value, name: str, *, minimum: int = 1) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+  return int(value)
