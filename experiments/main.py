@@ -16,6 +16,7 @@ from absl import flags
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
+EXIT_NONFINITE = 3  # exit status of a run stopped by training.nan_policy='stop'
 config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:words]).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Work directory (checkpoints, metrics, eval.json, samples).")
@@ -35,7 +36,11 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
   config = FLAGS.config
   if FLAGS.mode == "train":
-    result = train.train_and_evaluate(config, FLAGS.workdir)
+    try:
+      result = train.train_and_evaluate(config, FLAGS.workdir)
+    except train.NonFiniteError as e:
+      print(f"[vdiff] training stopped: {e}", file=sys.stderr, flush=True)
+      sys.exit(EXIT_NONFINITE)
   elif FLAGS.mode == "eval":
     result = train.evaluate_checkpoint(config, FLAGS.workdir)
   else:
