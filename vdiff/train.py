@@ -215,24 +215,29 @@ def evaluate(model, params, ds, *, estimator: str, eval_cfg, mesh, rng, split: s
   nll_fn, dequantized = make_nll_fn(model, estimator, eval_cfg)
   rep = parallel.replicated(mesh)
   bsh = parallel.batch_sharding(mesh)
-  jitted = jax.jit(nll_fn, in_shardings=(rep, rep, bsh), out_shardings=(rep, rep))
+  def nll_and_mask(params, rng, batch, mask):
+    nats, nfe = nll_fn(params, rng, batch)
+    return nats, nfe, mask  # the mask comes back replicated: every process sees the global mask
+
+  jitted = jax.jit(nll_and_mask, in_shardings=(rep, rep, bsh, bsh), out_shardings=(rep, rep, rep))
   batch_size = eval_cfg.batch_size
   parallel.check_batch_size(batch_size, mesh)
-  local_bs = batch_size // jax.process_count()
   num = len(ds) if not eval_cfg.num_examples else min(len(ds), eval_cfg.num_examples)
   sub = ds if num == len(ds) else dataclasses.replace(ds, images=ds.images[:num], labels=ds.labels[:num])
   values, masks, nfes = [], [], []
   t0 = time.time()
-  it = data_lib.eval_batches(sub, local_bs, process_index=jax.process_index(),
+  # eval_batches takes the GLOBAL batch size and hands this process its slice of each global batch, so
+  # batch i holds the same examples (and draws the same noise) on any number of processes.
+  it = data_lib.eval_batches(sub, batch_size, process_index=jax.process_index(),
                              process_count=jax.process_count())
   num_batches = math.ceil(num / batch_size)
   bar = _progress(total=num_batches, desc=f"eval {estimator}", enabled=progress)
   for i, local in enumerate(it):
     batch = parallel.global_batch({"image": local["image"], "label": local["label"]}, bsh)
     mask = parallel.global_batch(local["mask"], bsh)
-    nats, nfe = jitted(params, jax.random.fold_in(rng, i), batch)
+    nats, nfe, mask = jitted(params, jax.random.fold_in(rng, i), batch, mask)
     values.append(np.asarray(nats))
-    masks.append(np.asarray(jax.device_get(jax.jit(lambda m: m, out_shardings=rep)(mask))))
+    masks.append(np.asarray(mask))
     nfes.append(float(np.mean(np.asarray(nfe))))
     bar.update(1)
   bar.close()
@@ -286,9 +291,13 @@ def restore_latest(mngr, abstract_state) -> tuple[Any, int | None]:
 
 
 def save_checkpoint(mngr, state, step: int) -> bool:
-  """Save unless the state holds a non-finite value (a bad state never replaces a good one)."""
+  """Save unless the state holds a non-finite value or was frozen by nan_policy='stop' (a bad state
+  never replaces a good one, and a frozen one is not saved under a later step's name)."""
   if not bool(jax.device_get(_all_finite((state.params, state.ema_params)))):
     log.error("not saving step %d: the state holds non-finite values.", step)
+    return False
+  if bool(jax.device_get(state.halted)):
+    log.error("not saving step %d: training stopped at a non-finite step (nan_policy='stop').", step)
     return False
   mngr.save(step, args=ocp.args.StandardSave(state))
   return True
