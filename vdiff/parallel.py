@@ -22,14 +22,23 @@ DATA_AXIS = "data"
 
 def initialize_distributed(*, coordinator_address: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None, local_device_ids=None,
-                           initialization_timeout: int = 300) -> bool:
+                           initialization_timeout: int = 300,
+                           heartbeat_timeout: int | None = None) -> bool:
   """Start jax.distributed when this is a multi-process run; returns whether it was initialised.
 
   Explicit arguments win; otherwise VDIFF_COORDINATOR_ADDRESS / VDIFF_NUM_PROCESSES / VDIFF_PROCESS_ID
   are read; otherwise, on clusters and TPU pods that jax detects by itself (SLURM, Open MPI, TPU
-  metadata), set VDIFF_DISTRIBUTED=auto to let jax.distributed.initialize() find its peers. A process
-  that cannot reach its peers fails after `initialization_timeout` seconds instead of hanging.
+  metadata), set VDIFF_DISTRIBUTED=auto to let jax.distributed.initialize() find its peers.
+
+  Faults end the run instead of hanging it: a process that cannot reach its peers fails after
+  `initialization_timeout` seconds, and when a process dies the others are stopped by the coordination
+  service once its heartbeats have been missing for `heartbeat_timeout` seconds (default 100, or
+  VDIFF_HEARTBEAT_TIMEOUT).
   """
+  if heartbeat_timeout is None:
+    heartbeat_timeout = int(os.environ.get("VDIFF_HEARTBEAT_TIMEOUT", "100"))
+  timeouts = dict(initialization_timeout=initialization_timeout,
+                  heartbeat_timeout_seconds=heartbeat_timeout)
   coordinator_address = coordinator_address or os.environ.get("VDIFF_COORDINATOR_ADDRESS")
   if num_processes is None and "VDIFF_NUM_PROCESSES" in os.environ:
     num_processes = int(os.environ["VDIFF_NUM_PROCESSES"])
@@ -41,10 +50,10 @@ def initialize_distributed(*, coordinator_address: str | None = None, num_proces
                        "(flags or VDIFF_NUM_PROCESSES / VDIFF_PROCESS_ID).")
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id, local_device_ids=local_device_ids,
-                               initialization_timeout=initialization_timeout)
+                               **timeouts)
     return True
   if os.environ.get("VDIFF_DISTRIBUTED") == "auto":
-    jax.distributed.initialize(initialization_timeout=initialization_timeout)
+    jax.distributed.initialize(**timeouts)
     return True
   return False
 

@@ -1,0 +1,165 @@
+"""Lossless compressors as likelihood baselines: bits/dim of PNG, lzma and gzip on K-level images.
+
+A lossless code of N images of D dimensions each in B bytes is a model of the data whose negative log2
+likelihood is 8 B bits, so
+
+    bits/dim = 8 B / (N D)
+
+is directly comparable with a model's bits/dim of the same integer data (a discrete NLL, MATH.md sec. 0;
+no dequantisation offset). A compressor can never beat the data's entropy on average (Shannon's source
+coding theorem), so each number here is an upper bound on the entropy, as every likelihood model's is:
+a model that does no better than PNG has not learned much.
+
+Every image is stored as its raw levels, one byte per dimension (K <= 256: level k is the byte k, not
+rescaled to 0..255; rescaling is a bijection, so it changes the compressed size only through the
+compressor's heuristics, and storing the levels keeps "the same integers the model sees"). Rows are
+H lines of W C bytes (grey for C = 1, RGB for C = 3), in the [N, H, W, C] order of vdiff's datasets.
+
+Baselines (names are the keys of `compress_all`):
+  png             each image a separate PNG file (Pillow, optimize=True, compress_level=9), 8-bit grey
+                  (C = 1) or RGB (C = 3). INCLUDES every file's fixed overhead: the 8-byte signature and
+                  the IHDR, IDAT and IEND chunk framing, ~57 bytes per file even for a 1x1 image. For
+                  tiny images (4x4, 8x8) this overhead dominates; see `png_net`.
+  png_net         png minus, per image, the size of a 1x1 PNG of the same mode (the per-file constant:
+                  signature, chunk headers and CRCs, zlib header and Adler-32, and one pixel's data), i.e.
+                  an estimate of the pixel data's share of the PNG. Not a code by itself (a decoder
+                  needs the headers), so it can go below the entropy by a little; report both.
+  lzma            lzma (xz container, preset 9 | PRESET_EXTREME) over the whole test array as one byte
+                  string: a code of the whole set, one header for all images.
+  lzma_per_image  the same, each image compressed separately (header per image included).
+  gzip            gzip (level 9, mtime 0) over the whole array.
+  gzip_per_image  the same, each image separately.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import lzma
+import math
+from typing import Callable
+
+import numpy as np
+
+LZMA_PRESET = 9 | lzma.PRESET_EXTREME
+GZIP_LEVEL = 9
+PNG_COMPRESS_LEVEL = 9
+
+
+def bits_per_dim(num_bytes: int, num_images: int, num_dims: int) -> float:
+  """bits/dim = 8 B / (N D) of B compressed bytes for N images of D dimensions each."""
+  if num_images < 1 or num_dims < 1:
+    raise ValueError(f"num_images and num_dims must be >= 1, got {num_images} and {num_dims}.")
+  if num_bytes < 0:
+    raise ValueError(f"num_bytes must be >= 0, got {num_bytes}.")
+  return 8.0 * num_bytes / (num_images * num_dims)
+
+
+def _as_bytes(images, num_levels: int) -> np.ndarray:
+  """Validate K-level images [N, H, W, C] (K <= 256) and return them as uint8 levels (no rescaling)."""
+  images = np.asarray(images)
+  if images.ndim != 4:
+    raise ValueError(f"images must have shape [N, H, W, C], got {images.shape}.")
+  if images.shape[0] < 1:
+    raise ValueError("images must hold at least one image.")
+  if not np.issubdtype(images.dtype, np.integer):
+    raise ValueError(f"images must be integer levels, got dtype {images.dtype}.")
+  if not 2 <= num_levels <= 256:
+    raise ValueError(f"num_levels must be in [2, 256] (one byte per dimension), got {num_levels}.")
+  lo, hi = int(images.min()), int(images.max())
+  if lo < 0 or hi >= num_levels:
+    raise ValueError(f"levels must lie in [0, {num_levels - 1}], got min {lo}, max {hi}.")
+  return images.astype(np.uint8)
+
+
+def _png_mode(channels: int) -> str:
+  if channels == 1:
+    return "L"
+  if channels == 3:
+    return "RGB"
+  raise ValueError(f"PNG needs 1 (grey) or 3 (RGB) channels, got {channels}.")
+
+
+def png_bytes(image: np.ndarray) -> int:
+  """Size in bytes of one uint8 image [H, W, C] saved as a PNG (optimize=True, compress_level=9)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  mode = _png_mode(image.shape[-1])
+  pixels = image[..., 0] if mode == "L" else image
+  buf = io.BytesIO()
+  Image.fromarray(np.ascontiguousarray(pixels), mode=mode).save(
+      buf, format="PNG", optimize=True, compress_level=PNG_COMPRESS_LEVEL)
+  return buf.tell()
+
+
+def png_overhead_bytes(channels: int) -> int:
+  """Bytes of a 1x1 PNG of this mode: the per-file constant that `png_net` subtracts."""
+  return png_bytes(np.zeros((1, 1, channels), np.uint8))
+
+
+def lzma_bytes(data: bytes) -> int:
+  """Size of `data` in the xz format, LZMA2 preset 9 | PRESET_EXTREME.
+
+  The dictionary is capped at the input's size (at least 4 KiB): presets 6..9 differ only in dictionary
+  size, and a dictionary larger than the input cannot change the output (the xz header stores the size
+  in a fixed-width field), but allocating preset 9's 64 MiB dictionary costs ~0.2 s per call, which
+  would make per-image compression of a test set take minutes.
+  """
+  dict_size = min(64 << 20, max(4096, len(data)))
+  filters = [{"id": lzma.FILTER_LZMA2, "preset": LZMA_PRESET, "dict_size": dict_size}]
+  return len(lzma.compress(data, format=lzma.FORMAT_XZ, filters=filters))
+
+
+def gzip_bytes(data: bytes) -> int:
+  return len(gzip.compress(data, compresslevel=GZIP_LEVEL, mtime=0))
+
+
+def _per_image(fn: Callable[[bytes], int], images: np.ndarray) -> int:
+  return sum(fn(img.tobytes()) for img in images)
+
+
+def compress_all(images, num_levels: int, *, methods: tuple[str, ...] | None = None) -> dict:
+  """Bits/dim of every compressor baseline on K-level images [N, H, W, C].
+
+  Args:
+    images: integer levels in {0..K-1}, [N, H, W, C]; C must be 1 or 3 for the PNG baselines.
+    num_levels: K (<= 256: one byte per dimension).
+    methods: a subset of METHODS (default all; PNG ones are skipped when C is not 1 or 3).
+  Returns:
+    {method: {"bpd": bits/dim, "bytes": total compressed bytes, "note": what is counted}} plus
+    "num_images", "num_dims", "raw_bpd" (8: the uncompressed bytes) and "uniform_bpd" (log2 K, the
+    code that ignores the data).
+  """
+  x = _as_bytes(images, num_levels)
+  n, d = x.shape[0], int(np.prod(x.shape[1:]))
+  methods = METHODS if methods is None else tuple(methods)
+  unknown = sorted(set(methods) - set(METHODS))
+  if unknown:
+    raise ValueError(f"unknown baseline(s) {unknown}; expected some of {METHODS}.")
+  if x.shape[-1] not in (1, 3):
+    methods = tuple(m for m in methods if not m.startswith("png"))
+  out = {"num_images": n, "num_dims": d, "num_levels": int(num_levels), "raw_bpd": 8.0,
+         "uniform_bpd": math.log2(num_levels)}
+  png_total = None
+  for m in methods:
+    if m in ("png", "png_net"):
+      if png_total is None:
+        png_total = sum(png_bytes(img) for img in x)
+      if m == "png":
+        b, note = png_total, "per-image PNG files, per-file headers included"
+      else:
+        overhead = png_overhead_bytes(x.shape[-1])
+        b = png_total - n * overhead
+        note = f"per-image PNG minus {overhead} bytes per image (size of a 1x1 PNG); not a full code"
+    elif m == "lzma":
+      b, note = lzma_bytes(x.tobytes()), "xz, preset 9|EXTREME, whole array, one header"
+    elif m == "lzma_per_image":
+      b, note = _per_image(lzma_bytes, x), "xz, preset 9|EXTREME, each image with its own header"
+    elif m == "gzip":
+      b, note = gzip_bytes(x.tobytes()), "gzip level 9, whole array, one header"
+    else:
+      b, note = _per_image(gzip_bytes, x), "gzip level 9, each image with its own header"
+    out[m] = {"bpd": bits_per_dim(b, n, d), "bytes": int(b), "note": note}
+  return out
+
+
+METHODS = ("png", "png_net", "lzma", "lzma_per_image", "gzip", "gzip_per_image")
