@@ -328,3 +328,29 @@ def test_tfds_mock_data_feeds_the_trainer_without_tensorflow(tmp_path, cache_dir
   assert np.isfinite(ev["bpd"]) and ev["num_levels"] == 256 and ev["num_dims"] == 28 * 28
   assert ev["num_examples"] == 16 and ev["step"] == 2
   assert _steps(workdir) == [1, 2]
+
+
+# --------------------------------------------------------------------------------------------------
+# A peer that dies.
+# --------------------------------------------------------------------------------------------------
+def test_a_killed_peer_stops_the_other_process(cache_dir, tmp_path):
+  """Two processes; SIGKILL one after the first checkpoint. The survivor must not hang in a collective:
+  the coordination service notices the missing heartbeats (VDIFF_HEARTBEAT_TIMEOUT=10 s here) and ends
+  it with a non-zero status and a message naming the cause, within a bounded time."""
+  workdir = str(tmp_path / "w")
+  port = _free_port()
+  os.environ["VDIFF_HEARTBEAT_TIMEOUT"] = "10"
+  try:
+    procs = [_start(workdir, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                    f"--process_id={i}", "--config.training.num_steps=100000",
+                    num_devices=2, cache_dir=cache_dir, log_name=f"peer{i}") for i in range(2)]
+  finally:
+    del os.environ["VDIFF_HEARTBEAT_TIMEOUT"]
+  _signal_after_first_checkpoint(procs[1], workdir, signal.SIGKILL)
+  t0 = time.time()
+  rc, _, err = _finish(procs[0], timeout=120)
+  waited = time.time() - t0
+  procs[1].wait()
+  assert rc != 0, "the surviving process exited 0 although its peer died"
+  assert waited < 110, f"the surviving process hung for {waited:.0f} s"
+  assert "another task died" in err or "CoordinationService" in err, err[-2000:]
