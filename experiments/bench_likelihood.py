@@ -144,28 +144,22 @@ def per_image_true_bpd(ds) -> np.ndarray | None:
 # --------------------------------------------------------------------------------------------------
 # Estimators: (params, rng, batch) -> (nats [B], nfe [B] or scalar), and whether they are dequantised.
 # --------------------------------------------------------------------------------------------------
+def _native_cfg(k: int):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  return ml_collections.ConfigDict(dict(num_time_samples=k))
+
+
 def elbo_fn(model, k: int):
-  """Negative ELBO averaged over k independent time samples per image (a loop, compiled once)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
-  def fn(params, rng, batch):
-    def body(i, acc):
-      return acc + model.nll(params, jax.random.fold_in(rng, i), batch)[0]
-
-    total = jax.lax.fori_loop(0, k, body, jnp.zeros(batch["image"].shape[:1], jnp.float32))
-    return total / k, jnp.asarray(float(model.nfe_per_sample * k))
-
-  return fn, model.dequantized
+  """Negative ELBO averaged over k independent time samples per image (the trainer's evaluator:
+  a fori_loop, compiled once whatever k)."""
+  from vdiff import train  # pylint: disable=g-import-not-at-top
+  return train.make_nll_fn(model, "elbo", _native_cfg(k))
 
 
 def cdm_fn(model):
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
-  def fn(params, rng, batch):
-    return model.nll(params, rng, batch)[0], jnp.asarray(float(model.nfe_per_sample))
-
-  return fn, model.dequantized
+  """The CDM one-step density of one dequantisation sample per image (one network evaluation)."""
+  from vdiff import train  # pylint: disable=g-import-not-at-top
+  return train.make_nll_fn(model, "cdm", _native_cfg(1))
 
 
 def ode_fn(model, *, tol: float, divergence: str):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import platform
 import statistics
 import time
@@ -27,6 +26,7 @@ import jax.numpy as jnp
 
 from vdiff import samplers
 from vdiff import schedules
+from experiments import jsonout
 
 
 class TinyScoreNet(nn.Module):
@@ -117,11 +117,7 @@ def main(argv=None):
                   schedule=args.schedule, steps=steps),
       device=str(jax.devices()[0]), backend=jax.default_backend(), jax=jax.__version__,
       python=platform.python_version(), results=results)
-  text = json.dumps(report, indent=1)
-  print(text)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(text + "\n")
+  jsonout.emit(report, args.out, indent=1)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import platform
 import statistics
@@ -41,6 +40,7 @@ import numpy as np
 from vdiff import models
 from vdiff import parallel
 from vdiff import train
+from experiments import jsonout
 
 FAMILY_CONFIGS = {"vdm": "vdm_cifar10", "diffenc": "diffenc_cifar10", "cdm": "cdm_cifar10"}
 SIZES = {"tiny": ((8, 8, 1), 17), "paper": ((32, 32, 3), 256)}  # data shape, number of levels
@@ -182,11 +182,7 @@ def main(argv=None) -> dict:
       "peak": peak,
       "results": results,
   }
-  text = json.dumps(report, indent=2)
-  print(text, flush=True)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(text + "\n")
+  jsonout.emit(report, args.out, indent=2)
   return report
 
 

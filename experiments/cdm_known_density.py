@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import time
 
@@ -34,6 +33,7 @@ from vdiff import cdm
 from vdiff import likelihood
 from vdiff import schedules
 from vdiff.nets import classifier
+from experiments import jsonout
 
 NUM_STEPS = 30                                            # T: classes 0..T+1
 SCHEDULE = schedules.linear(gamma_min=-8.0, gamma_max=6.0)
@@ -195,11 +195,7 @@ def main():
     res["seconds"] = round(time.time() - t0, 1)
     report["results"][name] = res
 
-  text = json.dumps(report, indent=1)
-  print(text)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(text + "\n")
+  jsonout.emit(report, args.out, indent=1)
 
 
 if __name__ == "__main__":
