@@ -121,6 +121,9 @@ def test_cli_tiny_writes_the_workdir_contract(tmp_path):
   cfg = json.load(open(os.path.join(workdir, "config.json")))
   assert cfg["training"]["num_steps"] == 20
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1] == "20"
+  # TensorBoard event files beside metrics.jsonl, holding the same rows.
+  events = os.listdir(os.path.join(workdir, "tensorboard"))
+  assert any(f.startswith("events.out.tfevents") for f in events)
 
 
 def test_cli_refuses_unknown_config_key(tmp_path):

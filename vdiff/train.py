@@ -346,6 +346,30 @@ def append_jsonl(path: str, obj) -> None:
     f.write(json.dumps(obj, sort_keys=True) + "\n")
 
 
+class _Scalars:
+  """metrics.jsonl rows mirrored as TensorBoard scalars (workdir/tensorboard; tensorboardX writes the
+  event files without TensorFlow). Process 0 only."""
+
+  def __init__(self, workdir: str):
+    self._writer = None
+    if jax.process_index() == 0:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, row: dict) -> None:
+    if self._writer is None:
+      return
+    step = int(row["step"])
+    for k, v in row.items():
+      if k != "step" and isinstance(v, (int, float)):
+        self._writer.add_scalar(k, float(v), step)
+    self._writer.flush()
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+
+
 def _to_python(tree):
   return jax.tree.map(lambda a: float(np.asarray(a)), tree)
 
@@ -492,7 +516,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state, start = restore_latest(mngr, abstract)
   if state is None:
     state, start = init(rng), 0
-    _say(f"new run in {workdir}")
+    _say(f"new run in {workdir} on {jax.device_count()} device(s), {jax.process_count()} process(es)")
   else:
     _say(f"resumed from the checkpoint at step {start} in {workdir}")
   start = int(start)
@@ -503,6 +527,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_step = jit_train_step(step_fn, mesh, steps_per_dispatch=n)
   bsh = parallel.batch_sharding(mesh, leading_axes=0 if n == 1 else 1)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
+  scalars = _Scalars(workdir)
   eval_rng = jax.random.PRNGKey(config.seed + 1)
   last_eval = None
   step = start
@@ -525,6 +550,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  examples_per_sec=(step - step_last) * t.batch_size / max(dt, 1e-9))
         t_last, step_last = time.time(), step
         append_jsonl(metrics_path, m)
+        scalars.write(m)
         bar.set_postfix(loss=f"{m['loss']:.4g}", bpd=f"{m['bpd']:.4g}")
         if nonfinite:
           first = int(state.first_nonfinite_step)
@@ -550,8 +576,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         last_eval = evaluate(model, state.ema_params, test_ds, estimator=config.eval.estimator,
                              eval_cfg=config.eval, mesh=mesh, rng=eval_rng, split=config.eval.split,
                              step=step, progress=False)
-        append_jsonl(metrics_path, {"step": step, "eval_bpd": last_eval["bpd"],
-                                    "eval_bpd_stderr": last_eval["bpd_stderr"]})
+        row = {"step": step, "eval_bpd": last_eval["bpd"], "eval_bpd_stderr": last_eval["bpd_stderr"]}
+        append_jsonl(metrics_path, row)
+        scalars.write(row)
       if _crossed(prev, step, t.sample_every) and not is_last:
         _sample_and_save(model, state.ema_params, config, workdir, step, jax.random.PRNGKey(step))
   bar.close()
@@ -561,8 +588,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                        step=step)
   last_eval["params"] = "ema"
   write_json(os.path.join(workdir, "eval.json"), last_eval)
-  append_jsonl(metrics_path, {"step": step, "eval_bpd": last_eval["bpd"],
-                              "eval_bpd_stderr": last_eval["bpd_stderr"]})
+  row = {"step": step, "eval_bpd": last_eval["bpd"], "eval_bpd_stderr": last_eval["bpd_stderr"]}
+  append_jsonl(metrics_path, row)
+  scalars.write(row)
+  scalars.close()
   if config.sample.num_samples > 0:
     _sample_and_save(model, state.ema_params, config, workdir, step, jax.random.PRNGKey(config.seed))
   mngr.close()
