@@ -157,3 +157,19 @@ def test_bad_config_values_are_refused(tmp_path, key, value, message):
 def test_bad_data_is_refused(images, message):
   with pytest.raises(ValueError, match=message):
     data_lib.validate_images(images, 17)
+
+
+def test_ode_estimator_refused_for_an_encoder():
+  """The probability-flow ODE of a plain diffusion does not describe a DiffEnc model (its encoder adds a
+  drift), so eval.estimator='ode' is refused there instead of returning a wrong number."""
+  from experiments.configs import diffenc_cifar10  # pylint: disable=g-import-not-at-top
+  from vdiff import models  # pylint: disable=g-import-not-at-top
+  c = diffenc_cifar10.get_config("tiny,trainable")
+  m = models.from_config(c.model, data_shape=(8, 8, 1), num_levels=17, num_labels=0)
+  with pytest.raises(ValueError, match="does not apply"):
+    train.make_nll_fn(m, "ode", c.eval)
+  c.model.encoder.kind = "identity"
+  m = models.from_config(c.model, data_shape=(8, 8, 1), num_levels=17, num_labels=0)
+  assert train.make_nll_fn(m, "ode", c.eval)[1] is True  # dequantised convention
+  with pytest.raises(ValueError, match="does not apply to model family"):
+    train.make_nll_fn(m, "cdm", c.eval)

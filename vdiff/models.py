@@ -126,6 +126,8 @@ class Family:
   def sampler_extras(self) -> dict:
     return {}
 
+  supports_ode = True  # the probability-flow ODE applies to the model's denoiser and schedule
+
   def guided_eps_fn(self, params, label, guidance_weight):
     """The plain denoiser, or (with a label and a weight) the classifier-free-guided one."""
     if label is None or not self.num_labels:
@@ -264,6 +266,13 @@ class DiffEncFamily(VDMFamily):
 
   def sampler_extras(self) -> dict:
     return {"encoder_shift": self.encoder_kind != "identity"}
+
+  @property
+  def supports_ode(self) -> bool:
+    # The probability-flow ODE of MATH.md sec. 5 transports the marginals of z_t = alpha_t x + sigma_t eps;
+    # with an encoder the marginals are those of alpha_t x_t + sigma_t eps, whose flow has an extra drift
+    # (d x_t / dt) that the ODE estimator does not model. Only the identity encoder qualifies.
+    return self.encoder_kind == "identity"
 
 
 class CDMFamily(Family):

@@ -187,6 +187,10 @@ def make_nll_fn(model, estimator: str, eval_cfg):
   if estimator not in ESTIMATORS:
     raise ValueError(f"eval.estimator must be one of {ESTIMATORS}, got {estimator!r}.")
   if estimator == "ode":
+    if not model.supports_ode:
+      raise ValueError(f"eval.estimator='ode' does not apply to this {model.family_name!r} model (a "
+                       "DiffEnc encoder changes the probability flow); use 'elbo'.")
+
     def ode_fn(params, rng, batch):
       r_deq, r_probe = jax.random.split(rng)
       y = likelihood.dequantize(r_deq, batch["image"], model.num_levels)
