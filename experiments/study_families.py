@@ -18,8 +18,16 @@ measured with its EMA parameters on the 300 test images:
     L_diff (nats^2) over independent draws of t ~ U[0, 1) and eps ~ N(0, I), per test image, averaged over
     the test images; with its mean, the pooled (images x draws) variance and the learned gamma(t).
 
-  python -m experiments.study_families --variants=vdm,diffenc_nt,diffenc_tr,pinned,pinned_varmin,cdm \
-      --steps=1000 --workroot=/tmp/study --out=/tmp/study/study.json
+  * analysis (after all variants, or alone with --analyze_only): the side-by-side numbers to quote --
+    every test image's bits/dim averaged over 64 Monte-Carlo draws with the PAIRED difference to VDM,
+    and the estimators timed interleaved (round-robin), so that a shared machine's load hits all alike.
+
+  python -m experiments.study_families --variants=vdm,cdm,pinned,pinned_varmin,diffenc_nt,diffenc_tr \
+      --steps=1500 --workroot=/tmp/study/runs --out=/tmp/study/study.json
+
+Training resumes exactly (data order and randomness are functions of the step, constant learning rate
+after warm-up), so a study can be extended: `--steps=1000` then `--steps=1500` on the same workroot
+gives the 1500-step models of an uninterrupted run (train seconds are then per invocation).
 
 Prints one JSON document (and writes it to --out after every variant, so a partial study survives).
 A variant whose work directory already holds a checkpoint resumes from it (train_and_evaluate's
