@@ -5,7 +5,7 @@ split along their example axis over the mesh axis "data". Under jit the loss see
 batch statistics such as antithetic time sampling span every device. Multi-host runs call
 `initialize_distributed` first; each process then reads only its own slice of the global batch and
 `global_batch` assembles the global array with `jax.make_array_from_process_local_data`.
-(jax.pmap is not used: current JAX keeps it in maintenance mode, implemented on jit/shard_map.)
+(No pmap: current JAX keeps it in maintenance mode, implemented on jit and shard_map.)
 """
 
 from __future__ import annotations
