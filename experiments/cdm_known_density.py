@@ -95,12 +95,12 @@ def make_datasets():
   }
 
 
-def train(data, model, abar, *, steps, batch, lr, seed):
-  """Train the three variants from the same init and data stream; returns {variant: params}.
+def fit_variants(model, abar, params0, sample_fn, *, steps, batch, lr, variants, rng):
+  """Train one classifier per loss variant from the same init and data stream; {variant: params}.
 
-  The loss weights are traced arguments of one jitted lax.scan, so the loop compiles once.
+  variants: {name: (w_ce, mse_weight)}. sample_fn(rng, batch) -> [batch, D] training points. The loss
+  weights are traced arguments of one jitted lax.scan, so the loop compiles once for all variants.
   """
-  params0 = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, data.dim)))["params"]
   opt = optax.adam(optax.cosine_decay_schedule(lr, steps))
 
   @jax.jit
@@ -108,7 +108,7 @@ def train(data, model, abar, *, steps, batch, lr, seed):
     def step(carry, rng):
       params, opt_state = carry
       rng_x, rng_l = jax.random.split(rng)
-      x = data.sample(rng_x, batch)
+      x = sample_fn(rng_x, batch)
 
       def objective(p):
         total, _ = cdm.loss(rng_l, x, functools.partial(model.apply, {"params": p}), abar,
@@ -123,8 +123,14 @@ def train(data, model, abar, *, steps, batch, lr, seed):
     (params, _), _ = jax.lax.scan(step, (params, opt.init(params)), jax.random.split(rng, steps))
     return params
 
-  rng = jax.random.PRNGKey(seed + 1)
-  return {name: run(params0, rng, w, m) for name, (w, m) in VARIANTS.items()}
+  return {name: run(params0, rng, w, m) for name, (w, m) in variants.items()}
+
+
+def train(data, model, abar, *, steps, batch, lr, seed):
+  """The three variants of VARIANTS on `data` (see `fit_variants`)."""
+  params0 = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, data.dim)))["params"]
+  return fit_variants(model, abar, params0, data.sample, steps=steps, batch=batch, lr=lr,
+                      variants=VARIANTS, rng=jax.random.PRNGKey(seed + 1))
 
 
 def evaluate(data, model, abar, params, rng, n):
