@@ -277,6 +277,19 @@ def test_unet_classifier_32x32x3_shapes():
   assert out.shape == (2, 1002) and out.dtype == jnp.float32
 
 
+def test_upsampling_equals_nearest_resize_and_transposes_to_a_sum():
+  # The U-Nets' upsampling (broadcast + reshape, no gather) against jax.image.resize "nearest", and its
+  # transpose: each input pixel's gradient is the sum of its 2x2 output block.
+  from vdiff.nets import layers
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 7, 3))
+  np.testing.assert_array_equal(layers.upsample_nearest2x(x),
+                                jax.image.resize(x, (2, 10, 14, 3), method="nearest"))
+  w = jax.random.normal(jax.random.PRNGKey(1), (2, 10, 14, 3))
+  g = jax.grad(lambda h: jnp.sum(w * layers.upsample_nearest2x(h)))(x)
+  ref = w.reshape(2, 5, 2, 7, 2, 3).sum(axis=(2, 4))
+  np.testing.assert_allclose(g, ref, rtol=1e-6, atol=1e-6)
+
+
 def test_classifier_input_errors():
   with pytest.raises(ValueError, match="divisible"):
     classifier.NoiseLevelClassifier(ch=8, ch_mult=(1, 2, 2), num_classes_out=5, num_groups=4).init(

@@ -58,6 +58,48 @@ def test_train_step_traces_once(steps_per_dispatch):
   assert all(np.isfinite(losses))
 
 
+class _ManyLeaves:
+  """A model with `num_leaves` independent 8x16 weight matrices: loss = sum_i ||tanh(x W_i)||^2."""
+
+  data_shape = (8,)
+
+  def __init__(self, num_leaves):
+    self.num_leaves = num_leaves
+
+  def init(self, rng):
+    del rng
+    return {f"w{i:03d}": jnp.full((8, 16), 0.01 * i) for i in range(self.num_leaves)}
+
+  def loss(self, params, rng, batch, train=True):
+    del rng, train
+    per = sum(jnp.sum(jnp.tanh(batch["image"] @ w) ** 2, axis=-1) for w in params.values())
+    return per, {"sum_sq": per}
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 1.0])
+def test_update_kernels_do_not_each_reduce_over_every_leaf(grad_clip):
+  # The skip-if-non-finite decision reduces over every gradient leaf. Written as a per-leaf select on
+  # that flag, XLA fused the whole reduction into each leaf's update kernels: O(leaves^2) code, which
+  # at paper size took XLA's CPU backend over ten minutes and 20 GB to compile (DiffEnc; 243 s -> 30 s
+  # for a 2-block score network once the step used lax.cond). Reference: with 100 leaves the select
+  # version compiles to 407 kernels with over 50 operands each; the step must have a handful (the
+  # loss's own sum, the gradient norm, the finiteness flag), whatever the number of leaves.
+  import re
+  model = _ManyLeaves(100)
+  tx = train.make_optimizer(learning_rate=1e-3, warmup_steps=1, grad_clip=grad_clip)
+  mesh = parallel.make_mesh()
+  state = train.init_state(model, tx, jax.random.PRNGKey(0), mesh)
+  jitted = train.jit_train_step(train.make_train_step(model, ema_decay=0.9), mesh, steps_per_dispatch=1)
+  batch = {"image": jnp.ones((4, 8), jnp.float32)}
+  hlo = jitted.lower(state, batch).compile().as_text()
+  widths = [len(re.findall(r"%[\w.\-]+", line.split(" fusion(", 1)[1].split("), kind=")[0]))
+            for line in hlo.splitlines() if " fusion(" in line]
+  wide = sum(w > model.num_leaves // 2 for w in widths)
+  assert wide <= 10, (wide, len(widths))
+  new_state, metrics = jitted(state, batch)
+  assert bool(metrics["finite"]) and int(new_state.step) == 1
+
+
 def test_scan_equals_single_steps():
   """Two steps in one lax.scan dispatch give the parameters of two single-step dispatches."""
   config = tiny_config()
@@ -173,3 +215,29 @@ def test_ode_estimator_refused_for_an_encoder():
   assert train.make_nll_fn(m, "ode", c.eval)[1] is True  # dequantised convention
   with pytest.raises(ValueError, match="does not apply to model family"):
     train.make_nll_fn(m, "cdm", c.eval)
+
+
+@pytest.mark.parametrize("size", ["tiny", "paper"])
+def test_bench_train_builds_each_family_with_its_own_networks(size):
+  # experiments/bench_train.py must time the network each family trains: DiffEnc with its trainable
+  # encoder (the non-trainable variant is the VDM score network alone, already the `vdm` row), CDM with
+  # its classifier. Parameter trees are built abstractly (jax.eval_shape), so the paper size costs nothing.
+  from experiments import bench_train
+  from vdiff import models
+  shape, levels = bench_train.SIZES[size]
+  trees = {}
+  for family in bench_train.FAMILY_CONFIGS:
+    config = bench_train.get_config(family, size)
+    assert config.model.family == family
+    model = models.from_config(config.model, data_shape=shape, num_levels=levels, num_labels=10)
+    trees[family] = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+  assert "encoder" in trees["diffenc"] and "encoder" not in trees["vdm"]
+  count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+  assert count(trees["diffenc"]["score"]) == count(trees["vdm"]["score"])
+  assert count(trees["diffenc"]) > count(trees["vdm"])
+  if size == "paper":
+    # The counts bench_train recorded from the initialised states (docs/results/bench_train_paper.json):
+    # VDM CIFAR-10 (32 ResNet blocks x 128 channels), DiffEnc (the same + its encoder U-Net), CDM.
+    assert count(trees["vdm"]) == 30_586_245
+    assert count(trees["diffenc"]) == 56_424_838
+    assert count(trees["cdm"]) == 33_130_090

@@ -236,7 +236,7 @@ def diffusion_loss(x: Array, t: Array, eps: Array, *, schedule: schedules_lib.Sc
     resid = (eps - eps_hat) + sqrt_snr * doffset + shift * sigma * alpha_x_hat
     weight = 0.5 * dgamma
   else:
-    delta = gamma_t - gamma_s
+    delta = schedule.gamma_difference(t, s)  # exact for the linear schedule (Schedule.gamma_difference)
     db = vdm.bcast(delta, x)
     x_diff = enc.offset(x, gamma_s) - offset  # x_s - x_t, from offsets (see module numerics note)
     # u = SNR_t^(1/2)(x_s - x_t) + Delta SNR_t^(1/2) d_hat,  SNR^(1/2) d_hat = -sigma alpha x_hat.
@@ -244,6 +244,22 @@ def diffusion_loss(x: Array, t: Array, eps: Array, *, schedule: schedules_lib.Sc
     resid = (eps - eps_hat) - u / (-jnp.expm1(-db))
     weight = 0.5 * num_steps * jnp.expm1(delta)
   return weight * jnp.sum(jnp.square(resid).reshape(x.shape[0], -1), axis=-1)
+
+
+def endpoint_losses(rng: Array, x: Array, *, schedule: schedules_lib.Schedule,
+                    encoder: Callable[[Array, Array], Array], num_levels: int) -> tuple[Array, Array]:
+  """(L_prior [B], L_recon [B]) of the encoded process; they depend on the schedule only via gamma(0), gamma(1).
+
+  L_prior = KL(N(alpha_1 x_1, sigma_1^2 I) || N(0, I)) with x_1 = enc(x, gamma_1);
+  L_recon = -log p(x | z_0) with z_0 = alpha_0 x_0 + sigma_0 eps (eps drawn from rng), x_0 = enc(x, gamma_0).
+  """
+  enc = as_encoder(encoder)
+  gamma_0, gamma_1 = schedule.endpoints()
+  ones = jnp.ones(x.shape[:1], x.dtype)
+  prior = vdm.prior_loss(enc(x, gamma_1 * ones), gamma_1)
+  recon = vdm.reconstruction_loss(jax.random.normal(rng, x.shape), x, gamma_0,
+                                  num_levels=num_levels, x_mean=enc(x, gamma_0 * ones))
+  return prior, recon
 
 
 def negative_elbo(rng: Array, x: Array, *, schedule: schedules_lib.Schedule,
@@ -267,11 +283,7 @@ def negative_elbo(rng: Array, x: Array, *, schedule: schedules_lib.Schedule,
   rng_t, rng_0, rng_e = jax.random.split(rng, 3)
   if t is None:
     t = vdm.sample_times(rng_t, x.shape[0], antithetic=antithetic)
-  gamma_0, gamma_1 = schedule.endpoints()
-  ones = jnp.ones(x.shape[:1], x.dtype)
-  prior = vdm.prior_loss(enc(x, gamma_1 * ones), gamma_1)
-  recon = vdm.reconstruction_loss(jax.random.normal(rng_0, x.shape), x, gamma_0,
-                                  num_levels=num_levels, x_mean=enc(x, gamma_0 * ones))
+  prior, recon = endpoint_losses(rng_0, x, schedule=schedule, encoder=enc, num_levels=num_levels)
   diff = diffusion_loss(x, t, jax.random.normal(rng_e, x.shape), schedule=schedule, encoder=enc,
                         eps_fn=eps_fn, num_steps=num_steps, model_shift=model_shift)
   return prior + recon + diff, {"prior": prior, "recon": recon, "diff": diff}

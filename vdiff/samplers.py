@@ -329,16 +329,18 @@ def vdm_ancestral(rng: Array, eps_fn: EpsFn, schedule: schedules_lib.Schedule, s
   gamma = schedule.gamma(t_grid)
   i = jnp.arange(num_steps, 0, -1)
   g_t, g_s = gamma[i], gamma[i - 1]
+  # gamma_t - gamma_s from the schedule (exact for linear), not from two float32 gammas near -13.
+  dg = schedule.gamma_difference(t_grid[i], t_grid[i - 1])
   coef = dict(
       t=t_grid[i],
-      c=-jnp.expm1(g_s - g_t),
+      c=-jnp.expm1(-dg),
       # alpha_s / alpha_t = exp((log_sigmoid(-g_s) - log_sigmoid(-g_t)) / 2), no division of tiny alphas.
       alpha_ratio=jnp.exp(0.5 * (jax.nn.log_sigmoid(-g_s) - jax.nn.log_sigmoid(-g_t))),
       alpha_t=schedules_lib.alpha_from_gamma(g_t),
       sigma_t=schedules_lib.sigma_from_gamma(g_t),
       sigma_s=schedules_lib.sigma_from_gamma(g_s),
-      # DiffEnc: -alpha_s (gamma_s - gamma_t) sigma_t^2, multiplying x_hat.
-      shift=-schedules_lib.alpha_from_gamma(g_s) * (g_s - g_t) * schedules_lib.sigma2_from_gamma(g_t),
+      # DiffEnc: alpha_s (gamma_t - gamma_s) sigma_t^2, multiplying x_hat.
+      shift=schedules_lib.alpha_from_gamma(g_s) * dg * schedules_lib.sigma2_from_gamma(g_t),
   )
   z_init, keys = _noise(rng, shape, num_steps, z_init)
 

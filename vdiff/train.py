@@ -133,13 +133,24 @@ def make_train_step(model, *, ema_decay: float, nan_policy: str = "skip", inject
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     finite = jnp.isfinite(loss) & _all_finite(grads)
-    updated = state.apply_gradients(grads=grads)
     ok = finite & ~state.halted
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-    params = keep(updated.params, state.params)
-    opt_state = keep(updated.opt_state, state.opt_state)
-    ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
-    ema = keep(ema, state.ema_params)
+
+    def update(operand):
+      st, g = operand
+      updated = st.apply_gradients(grads=g)
+      ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, st.ema_params,
+                         updated.params)
+      return updated.params, updated.opt_state, ema
+
+    def keep(operand):
+      st, _ = operand
+      return st.params, st.opt_state, st.ema_params
+
+    # A conditional, not a per-leaf select on `ok`: `ok` reduces over every gradient leaf, and XLA's
+    # fusion would copy that reduction into each leaf's select kernel (O(leaves^2) code; at paper size,
+    # hundreds of leaves, XLA's CPU compilation of this step took over ten minutes and 20 GB). A
+    # skipped step also skips the optimiser's arithmetic.
+    params, opt_state, ema = jax.lax.cond(ok, update, keep, (state, grads))
     bad = ~finite
     new_state = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,

@@ -159,9 +159,6 @@ def negative_elbo(rng: Array, x: Array, *, gamma_module, schedule_params: dict,
                                             {"x": x, "t": t, "eps": eps, "cond": cond},
                                             shape_key=shape_key)
   schedule = schedules_lib.from_module(gamma_module, schedule_params)
-  gamma_0, gamma_1 = schedule.endpoints()
-  ones = jnp.ones(x.shape[:1], x.dtype)
-  prior = vdm.prior_loss(enc(x, gamma_1 * ones), gamma_1)
-  recon = vdm.reconstruction_loss(jax.random.normal(rng_0, x.shape), x, gamma_0,
-                                  num_levels=num_levels, x_mean=enc(x, gamma_0 * ones))
+  prior, recon = diffenc.endpoint_losses(rng_0, x, schedule=schedule, encoder=enc,
+                                         num_levels=num_levels)
   return prior + recon + diff, {"prior": prior, "recon": recon, "diff": diff}

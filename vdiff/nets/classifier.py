@@ -122,9 +122,8 @@ class NoiseLevelClassifier(nn.Module):
         if h.shape[1] in self.attn_resolutions:
           h = attn()(h)
       if level != 0:
-        b, hh, ww, c = h.shape
-        h = jax.image.resize(h, (b, 2 * hh, 2 * ww, c), method="nearest")
-        h = nn.Conv(c, (3, 3))(h)
+        h = layers.upsample_nearest2x(h)
+        h = nn.Conv(h.shape[-1], (3, 3))(h)
     assert not hs, "every skip connection must be consumed"
 
     # Classification head: no time input anywhere, so everything the logits know comes from x.

@@ -87,9 +87,8 @@ class EncoderUNet(nn.Module):
       for _ in range(self.num_res_blocks + 1):
         h = maybe_attn(res(jnp.concatenate([h, skips.pop()], axis=-1), self.ch * mult))
       if level != 0:
-        b, hh, ww, c = h.shape
-        h = jax.image.resize(h, (b, 2 * hh, 2 * ww, c), method="nearest")
-        h = nn.Conv(c, (3, 3), name=f"up_{level}")(h)
+        h = layers.upsample_nearest2x(h)
+        h = nn.Conv(h.shape[-1], (3, 3), name=f"up_{level}")(h)
     assert not skips
 
     h = nn.silu(layers.group_norm(self.num_groups, h.shape[-1])(h))

@@ -32,6 +32,19 @@ def fourier_features(z, *, n_min: int, n_max: int):
   return jnp.concatenate([jnp.sin(h), jnp.cos(h)], axis=-1)
 
 
+def upsample_nearest2x(h):
+  """Nearest-neighbour 2x upsampling of [B, H, W, C] to [B, 2H, 2W, C] by broadcast + reshape.
+
+  Equals jax.image.resize(h, (B, 2H, 2W, C), "nearest"), whose implementation is a gather; a gather's
+  transpose is a scatter-add, and the U-Nets here are differentiated twice (DiffEnc's jvp through the
+  encoder, CDM's input-gradient denoiser), where those scatters made XLA's CPU compilation of a
+  paper-size train step take minutes and tens of GB. Broadcast and reshape transpose to a sum.
+  """
+  b, hh, ww, c = h.shape
+  h = jnp.broadcast_to(h[:, :, None, :, None, :], (b, hh, 2, ww, 2, c))
+  return h.reshape(b, 2 * hh, 2 * ww, c)
+
+
 def group_norm(num_groups: int, channels: int, name: str | None = None) -> nn.GroupNorm:
   """GroupNorm whose group count divides the channel count (tiny test networks have few channels)."""
   g = math.gcd(num_groups, channels)
