@@ -147,6 +147,7 @@ def main(argv=None) -> dict:
   p.add_argument("--batch", type=int, default=16, help="global batch size")
   p.add_argument("--matmul-n", type=int, default=2048, help="size of the peak-FLOP/s matmul; 0 skips")
   p.add_argument("--out", default="")
+  argv = sys.argv[1:] if argv is None else list(argv)
   args = p.parse_args(argv)
   families = [f for f in args.families.split(",") if f]
   sizes = [s for s in args.sizes.split(",") if s]
@@ -177,18 +178,18 @@ def main(argv=None) -> dict:
           row["speedup_vs_1_step_per_dispatch"] = base["seconds_per_step"] / row["seconds_per_step"]
         results.append(row)
         if args.out:  # The rows so far, so that a long run stopped part-way keeps what it measured.
-          jsonout.emit(_report(args, peak, results), args.out, indent=2, quiet=True)
+          jsonout.emit(_report(argv, peak, results), args.out, indent=2, quiet=True)
         print(f"[bench_train] {family} {size} x{n}: {row['seconds_per_step']:.4g} s/step, "
               f"compile {row['compile_s']:.1f} s", file=sys.stderr, flush=True)
-  report = _report(args, peak, results)
+  report = _report(argv, peak, results)
   jsonout.emit(report, args.out, indent=2)
   return report
 
 
-def _report(args, peak, results) -> dict:
+def _report(argv, peak, results) -> dict:
   return {
       "benchmark": "train_step",
-      "command": "python -m experiments.bench_train " + " ".join(sys.argv[1:]),
+      "command": " ".join(["python -m experiments.bench_train"] + argv),
       "device": {"platform": jax.devices()[0].platform, "kind": jax.devices()[0].device_kind,
                  "num_devices": jax.device_count(), "cpu_count": os.cpu_count(),
                  "machine": platform.machine()},

@@ -35,10 +35,10 @@ def fourier_features(z, *, n_min: int, n_max: int):
 def upsample_nearest2x(h):
   """Nearest-neighbour 2x upsampling of [B, H, W, C] to [B, 2H, 2W, C] by broadcast + reshape.
 
-  Equals jax.image.resize(h, (B, 2H, 2W, C), "nearest"), whose implementation is a gather; a gather's
-  transpose is a scatter-add, and the U-Nets here are differentiated twice (DiffEnc's jvp through the
-  encoder, CDM's input-gradient denoiser), where those scatters made XLA's CPU compilation of a
-  paper-size train step take minutes and tens of GB. Broadcast and reshape transpose to a sum.
+  Equals jax.image.resize(h, (B, 2H, 2W, C), "nearest"), whose implementation is a gather with a
+  scatter-add as its transpose. The U-Nets here are differentiated twice (DiffEnc's jvp through the
+  encoder, CDM's input-gradient denoiser); broadcast and reshape keep gathers and scatters out of those
+  graphs, and transpose to a plain sum over each 2x2 block.
   """
   b, hh, ww, c = h.shape
   h = jnp.broadcast_to(h[:, :, None, :, None, :], (b, hh, 2, ww, 2, c))
