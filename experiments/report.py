@@ -169,6 +169,21 @@ def bench_section(bench: dict, runs_info: dict, plot_names: dict) -> str:
   return "\n".join(lines)
 
 
+def _true_entropy_line(ax, true_bpd):
+  """The data's true entropy in bits/dim as a dashed line, where it is known."""
+  if true_bpd is not None:
+    ax.axhline(true_bpd, color="k", ls="--", lw=1, label=f"true entropy {true_bpd:.3f}")
+
+
+def _save(fig, out_dir: str, name: str) -> str:
+  """Lay out, write out_dir/name at 120 dpi, close the figure; returns the file name."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig.tight_layout()
+  fig.savefig(os.path.join(out_dir, name), dpi=120)
+  plt.close(fig)
+  return name
+
+
 def plot_bench(bench: dict, out_dir: str) -> dict:
   """bpd-vs-step and bpd-vs-seconds plots for one bench file; returns {title: file name}."""
   try:
@@ -185,12 +200,11 @@ def plot_bench(bench: dict, out_dir: str) -> dict:
 
   # 1. Test bpd against training step, one line per run.
   fig, ax = plt.subplots(figsize=(6, 4))
-  seen = []
+  histories = {}  # workdir -> run_history, each run read once
   for r in bench["results"]:
-    if r["workdir"] in seen:
+    if r["workdir"] in histories:
       continue
-    seen.append(r["workdir"])
-    h = run_history(r["workdir"])
+    h = histories[r["workdir"]] = run_history(r["workdir"])
     if h["evals"]:
       s, b, e = zip(*h["evals"])
       ax.errorbar(s, b, yerr=e, marker="o", capsize=3,
@@ -198,22 +212,17 @@ def plot_bench(bench: dict, out_dir: str) -> dict:
     if h["train"]:
       s, b = zip(*h["train"])
       ax.plot(s, b, alpha=0.3, lw=1, label=f"{r['run']} train batch")
-  if true_bpd is not None:
-    ax.axhline(true_bpd, color="k", ls="--", lw=1, label=f"true entropy {true_bpd:.3f}")
+  _true_entropy_line(ax, true_bpd)
   ax.set_xlabel("training step")
   ax.set_ylabel("bits/dim")
   ax.set_title(f"{d['name']}: test bits/dim during training")
   # Training starts far above the final value; keep the interesting range (the truth and the evals).
-  evals = [b for w in seen for _, b, _ in run_history(w)["evals"]]
+  evals = [b for h in histories.values() for _, b, _ in h["evals"]]
   if evals:
     lo = min(evals + ([true_bpd] if true_bpd is not None else []))
     ax.set_ylim(max(0.0, lo - 0.5), max(evals) + 0.5)
   ax.legend(fontsize=7)
-  fig.tight_layout()
-  name = f"bpd_vs_step_{tag}.png"
-  fig.savefig(os.path.join(out_dir, name), dpi=120)
-  plt.close(fig)
-  names["test bits/dim against training step"] = name
+  names["test bits/dim against training step"] = _save(fig, out_dir, f"bpd_vs_step_{tag}.png")
 
   # 2. bpd against seconds per image, one point per estimator.
   fig, ax = plt.subplots(figsize=(6, 4))
@@ -225,18 +234,13 @@ def plot_bench(bench: dict, out_dir: str) -> dict:
   for m, ls in styles.items():
     if m in b:
       ax.axhline(b[m]["bpd"], color="gray", ls=ls, lw=1, label=f"{m} (whole set) {b[m]['bpd']:.2f}")
-  if true_bpd is not None:
-    ax.axhline(true_bpd, color="k", ls="--", lw=1, label=f"true entropy {true_bpd:.3f}")
+  _true_entropy_line(ax, true_bpd)
   ax.set_xscale("log")
   ax.set_xlabel("seconds per image (after compilation, log scale)")
   ax.set_ylabel("bits/dim")
   ax.set_title(f"{d['name']}: estimator cost and value ({bench['hardware'].get('jax_backend')})")
   ax.legend(fontsize=6)
-  fig.tight_layout()
-  name = f"bpd_vs_seconds_{tag}.png"
-  fig.savefig(os.path.join(out_dir, name), dpi=120)
-  plt.close(fig)
-  names["bits/dim against seconds per image"] = name
+  names["bits/dim against seconds per image"] = _save(fig, out_dir, f"bpd_vs_seconds_{tag}.png")
   return names
 
 

@@ -131,6 +131,14 @@ def _signal_after_first_checkpoint(proc, workdir: str, signum, timeout: float = 
     raise
 
 
+def _run_until_signalled(workdir: str, signum, *, cache_dir: str, log_name: str,
+                         timeout: float) -> tuple[int, str, str]:
+  """Start a training run, send `signum` once its first checkpoint is final, wait for it to end."""
+  proc = _start(workdir, cache_dir=cache_dir, log_name=log_name)
+  _signal_after_first_checkpoint(proc, workdir, signum)
+  return _finish(proc, timeout=timeout)
+
+
 _ABSTRACT = None
 
 
@@ -256,9 +264,8 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(runs, cache_dir, tmp_pa
   dirs, results = runs
   _assert_ok(results["one"], "the 1-device run")
   workdir = str(tmp_path / "w")
-  proc = _start(workdir, cache_dir=cache_dir, log_name="killed")
-  _signal_after_first_checkpoint(proc, workdir, signal.SIGKILL)
-  rc, _, _ = _finish(proc, timeout=60)
+  rc, _, _ = _run_until_signalled(workdir, signal.SIGKILL, cache_dir=cache_dir, log_name="killed",
+                                  timeout=60)
   assert rc == -signal.SIGKILL
   killed_at = _steps(workdir)[-1]
   # The kill really cut the run short (otherwise the resume below would test nothing).
@@ -279,9 +286,8 @@ def test_sigterm_checkpoints_where_it_arrives_and_exits_zero(runs, cache_dir, tm
   dirs, results = runs
   _assert_ok(results["one"], "the 1-device run")
   workdir = str(tmp_path / "w")
-  proc = _start(workdir, cache_dir=cache_dir, log_name="preempted")
-  _signal_after_first_checkpoint(proc, workdir, signal.SIGTERM)
-  rc, out, err = _finish(proc, timeout=120)
+  rc, out, err = _run_until_signalled(workdir, signal.SIGTERM, cache_dir=cache_dir,
+                                     log_name="preempted", timeout=120)
   assert rc == 0, err[-4000:]
   last = _metrics(workdir)[-1]
   assert last["event"] == "preempted"
