@@ -340,10 +340,37 @@ class CDMFamily(Family):
         likelihood.nats_to_bpd(nats, self.num_dims, num_levels=self.num_levels)))
     return per_example, terms
 
-  def nll(self, params, rng, batch):
-    """-log p(y) in nats of one uniformly dequantised copy y of the batch, one network evaluation."""
-    y = likelihood.dequantize(rng, batch["image"], self.num_levels)
-    return -cdm.one_step_log_density(self.logits_fn(params), y), None
+  DEQUANTIZATIONS = ("uniform", "forward")
+
+  def nll(self, params, rng, batch, *, dequantization: str = "uniform", num_samples: int = 1):
+    """One-step NLL in nats (CDM Thm 3.2), one network evaluation per draw, conditioned on
+    batch["label"] (the null label gives the unconditional density).
+
+    dequantization="uniform": -log (1/m) sum_j p(y_j) of m uniformly dequantised copies y_j (class 0,
+      the data density): a density on [-1, 1]^D, + log2(K / 2) bits/dim.
+    dequantization="forward": -log (1/m) sum_j p_1(z_j) p(k | z_j) / q(z_j | k), z_j ~ q(z | k) =
+      N(sqrt(abar_1) x, (1 - abar_1) I), with p_1 the density of class 1 (Thm 3.2 at t = 1) and p(k | z)
+      the K-level decoder at abar_1: an upper bound on -log P(k) with no offset
+      (`likelihood.forward_dequantization_bound`).
+    Returns (nats [B], None).
+    """
+    if dequantization not in self.DEQUANTIZATIONS:
+      raise ValueError(f"eval.dequantization must be one of {self.DEQUANTIZATIONS}, got "
+                       f"{dequantization!r}.")
+    logits_fn = self.logits_fn(params, self._labels(None, batch, train=False))
+    ones = jnp.ones(batch["image"].shape[:1], jnp.int32)
+    if dequantization == "uniform":
+      logp, _ = likelihood.uniform_dequantization_bound(
+          rng, lambda r, y: (cdm.one_step_log_density(logits_fn, y), ones), batch["image"],
+          num_levels=self.num_levels, num_samples=num_samples)
+      return -logp, None
+    # q and the decoder use the gamma of the class-1 grid point exactly as the classifier saw it in
+    # training: x_1 = sqrt(abar_1) x + sqrt(1 - abar_1) eps with the float32 abar_1.
+    gamma_1 = schedules_lib.gamma_from_alpha2(self.abar[1])
+    bound, _ = likelihood.forward_dequantization_bound(
+        rng, lambda r, z: (cdm.log_density(logits_fn(z), z, 1), ones), batch["image"],
+        num_levels=self.num_levels, gamma=gamma_1, num_samples=num_samples)
+    return -bound, None
 
 
 FAMILIES = {

@@ -36,6 +36,7 @@ from flax import struct
 from flax.training import train_state
 
 from vdiff import data as data_lib
+from vdiff import evaluate as evaluate_lib
 from vdiff import grid
 from vdiff import likelihood
 from vdiff import models
@@ -188,103 +189,11 @@ def jit_train_step(step_fn, mesh, *, steps_per_dispatch: int):
 
 
 # --------------------------------------------------------------------------------------------------
-# Evaluation.
+# Evaluation lives in vdiff.evaluate; these names stay importable from here.
 # --------------------------------------------------------------------------------------------------
-ESTIMATORS = ("elbo", "cdm", "ode")
-
-
-def make_nll_fn(model, estimator: str, eval_cfg):
-  """(params, rng, batch) -> (per-example NLL in nats [B], nfe per example) for the chosen estimator."""
-  if estimator not in ESTIMATORS:
-    raise ValueError(f"eval.estimator must be one of {ESTIMATORS}, got {estimator!r}.")
-  if estimator == "ode":
-    if not model.supports_ode:
-      raise ValueError(f"eval.estimator='ode' does not apply to this {model.family_name!r} model (a "
-                       "DiffEnc encoder changes the probability flow); use 'elbo'.")
-
-    def ode_fn(params, rng, batch):
-      r_deq, r_probe = jax.random.split(rng)
-      y = likelihood.dequantize(r_deq, batch["image"], model.num_levels)
-      logp, nfe = likelihood.ode_log_likelihood(
-          r_probe, model.eps_fn(params), model.schedule(params), y, rtol=eval_cfg.ode_rtol,
-          atol=eval_cfg.ode_atol, divergence=eval_cfg.ode_divergence)
-      return -logp, nfe
-
-    return ode_fn, True
-  if estimator != model.native_estimator:
-    raise ValueError(f"eval.estimator={estimator!r} does not apply to model family "
-                     f"{model.family_name!r}; use {model.native_estimator!r} or 'ode'.")
-  k = max(int(eval_cfg.num_time_samples), 1)
-
-  def native(params, rng, batch):
-    # k Monte-Carlo samples (time and noise for the ELBO, dequantisation for CDM) in a fori_loop, so
-    # the program (and its compile time) does not grow with k.
-    def body(i, acc):
-      return acc + model.nll(params, jax.random.fold_in(rng, i), batch)[0]
-
-    total = jax.lax.fori_loop(0, k, body, jnp.zeros(batch["image"].shape[:1], jnp.float32))
-    return total / k, jnp.asarray(float(model.nfe_per_sample * k))
-
-  return native, model.dequantized
-
-
-def evaluate(model, params, ds, *, estimator: str, eval_cfg, mesh, rng, split: str, step: int,
-             progress: bool = True) -> dict:
-  """NLL of a whole split (each example exactly once; the padded last batch is masked) in bits/dim."""
-  nll_fn, dequantized = make_nll_fn(model, estimator, eval_cfg)
-  rep = parallel.replicated(mesh)
-  bsh = parallel.batch_sharding(mesh)
-  def nll_and_mask(params, rng, batch, mask):
-    nats, nfe = nll_fn(params, rng, batch)
-    return nats, nfe, mask  # the mask comes back replicated: every process sees the global mask
-
-  jitted = jax.jit(nll_and_mask, in_shardings=(rep, rep, bsh, bsh), out_shardings=(rep, rep, rep))
-  batch_size = eval_cfg.batch_size
-  parallel.check_batch_size(batch_size, mesh)
-  num = len(ds) if not eval_cfg.num_examples else min(len(ds), eval_cfg.num_examples)
-  sub = ds if num == len(ds) else dataclasses.replace(ds, images=ds.images[:num], labels=ds.labels[:num])
-  values, masks, nfes = [], [], []
-  compile_s = 0.0
-  t0 = time.time()
-  # eval_batches takes the GLOBAL batch size and hands this process its slice of each global batch, so
-  # batch i holds the same examples (and draws the same noise) on any number of processes.
-  it = data_lib.eval_batches(sub, batch_size, process_index=jax.process_index(),
-                             process_count=jax.process_count())
-  num_batches = math.ceil(num / batch_size)
-  bar = _progress(total=num_batches, desc=f"eval {estimator}", enabled=progress)
-  for i, local in enumerate(it):
-    batch = parallel.global_batch({"image": local["image"], "label": local["label"]}, bsh)
-    mask = parallel.global_batch(local["mask"], bsh)
-    args = (params, jax.random.fold_in(rng, i), batch, mask)
-    if i == 0:  # compile ahead of time so that seconds_per_image measures evaluation only
-      tc = time.time()
-      jitted = jitted.lower(*args).compile()
-      compile_s = time.time() - tc
-      t0 += compile_s
-    nats, nfe, mask = jitted(*args)
-    values.append(np.asarray(nats))
-    masks.append(np.asarray(mask))
-    nfes.append(float(np.mean(np.asarray(nfe))))
-    bar.update(1)
-  bar.close()
-  seconds = time.time() - t0
-  nats = np.concatenate(values)
-  mask = np.concatenate(masks).astype(bool)
-  bpd = np.asarray(likelihood.nats_to_bpd(nats[mask], model.num_dims,
-                                          num_levels=model.num_levels if dequantized else None))
-  n = int(mask.sum())
-  result = {
-      "step": int(step), "split": split, "estimator": estimator,
-      "bpd": float(bpd.mean()), "bpd_stderr": float(bpd.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0,
-      "num_examples": n, "nfe": float(np.mean(nfes)),
-      "seconds": seconds, "seconds_per_image": seconds / max(n, 1), "compile_seconds": compile_s,
-      "convention": ("continuous density on uniformly dequantised data, + log2(K/2) bits/dim"
-                     if dequantized else "discrete bound on -log P(k) (no dequantisation offset)"),
-      "num_levels": model.num_levels, "num_dims": model.num_dims,
-  }
-  if estimator == "elbo":
-    result["num_time_samples"] = int(eval_cfg.num_time_samples)
-  return result
+ESTIMATORS = evaluate_lib.ESTIMATORS
+make_nll_fn = evaluate_lib.make_nll_fn
+evaluate = evaluate_lib.evaluate
 
 
 # --------------------------------------------------------------------------------------------------
@@ -484,8 +393,7 @@ def validate_config(config) -> None:
                   f"model.schedule.gamma_max ({m.schedule.gamma_max})")
   if m.family not in models.FAMILIES:
     errors.append(f"model.family must be one of {sorted(models.FAMILIES)}, got {m.family!r}")
-  if config.eval.estimator not in ESTIMATORS:
-    errors.append(f"eval.estimator must be one of {ESTIMATORS}, got {config.eval.estimator!r}")
+  errors.extend(evaluate_lib.config_errors(config.eval))
   if errors:
     raise ValueError("invalid config: " + "; ".join(errors) + ".")
   n = jax.device_count()
@@ -590,7 +498,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if _crossed(prev, step, t.eval_every) and not is_last:
         last_eval = evaluate(model, state.ema_params, test_ds, estimator=config.eval.estimator,
                              eval_cfg=config.eval, mesh=mesh, rng=eval_rng, split=config.eval.split,
-                             step=step, progress=False)
+                             step=step, progress=False, workdir=workdir)
         row = {"step": step, "eval_bpd": last_eval["bpd"], "eval_bpd_stderr": last_eval["bpd_stderr"]}
         append_jsonl(metrics_path, row)
         scalars.write(row)
@@ -600,7 +508,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mngr.wait_until_finished()
   last_eval = evaluate(model, state.ema_params, test_ds, estimator=config.eval.estimator,
                        eval_cfg=config.eval, mesh=mesh, rng=eval_rng, split=config.eval.split,
-                       step=step)
+                       step=step, workdir=workdir)
   last_eval["params"] = "ema"
   write_json(os.path.join(workdir, "eval.json"), last_eval)
   row = {"step": step, "eval_bpd": last_eval["bpd"], "eval_bpd_stderr": last_eval["bpd_stderr"]}
@@ -633,7 +541,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   ds = load_data(config, config.eval.split)
   result = evaluate(model, state.ema_params, ds, estimator=config.eval.estimator,
                     eval_cfg=config.eval, mesh=mesh, rng=jax.random.PRNGKey(config.seed + 1),
-                    split=config.eval.split, step=step)
+                    split=config.eval.split, step=step, workdir=workdir)
   result["params"] = "ema"
   write_json(os.path.join(workdir, "eval.json"), result)
   write_json(os.path.join(workdir, f"eval_{config.eval.estimator}.json"), result)

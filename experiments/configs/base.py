@@ -89,9 +89,17 @@ def get_base_config() -> ml_collections.ConfigDict:
   ev.num_examples = 0        # 0 = the whole split
   ev.estimator = "elbo"      # elbo | cdm | ode
   ev.num_time_samples = 1    # ELBO: Monte-Carlo time samples per image
+  # cdm / ode: uniform = a density on uniformly dequantised data (+ log2(K/2) bits/dim; CDM class 0);
+  # forward = a discrete bound with the forward process q(z_t0 | k) and the K-level decoder, comparable
+  # with the ELBO (ODE from ode_t0 to 1; CDM class 1). See vdiff/evaluate.py.
+  ev.dequantization = "uniform"     # uniform | forward
+  ev.num_dequantization_samples = 1  # cdm / ode: importance samples per image (log-mean-exp)
+  ev.ode_t0 = 0.0            # forward dequantisation of the ODE: time of z (0 = the schedule's gamma_min)
   ev.ode_rtol = 1e-5
   ev.ode_atol = 1e-5
   ev.ode_divergence = "hutchinson"  # hutchinson | exact
+  ev.precision = "highest"   # matmul/conv precision of the evaluation: default | high | highest
+  ev.condition = "label"     # conditional models: label (-log p(x | c)) | none (-log p(x), null label)
 
   c.sample = sm = ml_collections.ConfigDict()
   sm.sampler = "vdm_ancestral"  # vdm_ancestral | ddpm | ddim | ode
