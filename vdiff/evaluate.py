@@ -14,11 +14,11 @@ With m > 1 dequantisation draws the bound is importance-weighted (log-mean-exp; 
 `vdiff.likelihood.forward_dequantization_bound`). `eval.condition` = label | none conditions a
 conditional model on the true label or on the null label, the same for all three estimators.
 
-`Evaluator` compiles its estimator once per batch shape (at most two: the full batch and the last,
-shorter one) and is reused for every later evaluation; `evaluate` keeps one Evaluator per model and
-settings. Every example is evaluated exactly once across processes and devices; the last batch is cut to
-the remaining examples rounded up to the device count (padded rows are masked out of every mean,
-including nfe). Per-batch results are appended to `<workdir>/eval_<estimator>_partial.jsonl` under a
+`Evaluator` compiles its estimator once per batch shape and is reused for every later evaluation;
+`evaluate` keeps one Evaluator per model and settings. Every example is evaluated exactly once across
+processes and devices; the batch is capped at the number of examples rounded up to the device count,
+and for the ODE the last batch is cut to the remaining examples (`batch_plan`); padded rows are masked
+out of every mean, including nfe. Per-batch results are appended to `<workdir>/eval_<estimator>_partial.jsonl` under a
 hash of the settings, the checkpoint step and the parameters, so a killed evaluation rerun with the
 same settings continues after its last finished batch with the same random draws (batch i uses
 fold_in(rng, i); the ODE draws per example, fold_in(rng, example index)) and ends with the figure of an
@@ -237,16 +237,25 @@ def make_nll_fn(model, estimator: str, eval_cfg):
 # --------------------------------------------------------------------------------------------------
 # Batching, resumption.
 # --------------------------------------------------------------------------------------------------
-def batch_plan(num_examples: int, batch_size: int, unit: int) -> list[tuple[int, int]]:
-  """(start, global size) of every batch: full batches of batch_size, then the rest rounded up to a
-  multiple of `unit` (the device count), so that at most unit - 1 padded rows are ever evaluated."""
+def batch_plan(num_examples: int, batch_size: int, unit: int, *,
+               cut_last: bool) -> list[tuple[int, int]]:
+  """(start, global size) of every batch.
+
+  The batch size is capped at num_examples rounded up to a multiple of `unit` (the device count): 8
+  examples with eval.batch_size = 500 make one batch of 8, not of 500. With cut_last (the ODE, whose
+  padded rows would each cost a whole adaptive solve) the last batch is also cut to the remaining
+  examples rounded up to `unit`, a second program shape; otherwise it is padded to the full size (one
+  compiled program). Padded rows are masked out of every mean.
+  """
   if batch_size < 1 or batch_size % unit:
     raise ValueError(f"eval.batch_size ({batch_size}) must be a positive multiple of the number of "
                      f"devices and processes ({unit}).")
+  roundup = lambda n: -(-n // unit) * unit
+  batch_size = min(batch_size, roundup(max(num_examples, 1)))
   full, rest = divmod(num_examples, batch_size)
   plan = [(i * batch_size, batch_size) for i in range(full)]
   if rest:
-    plan.append((full * batch_size, -(-rest // unit) * unit))
+    plan.append((full * batch_size, roundup(rest) if cut_last else batch_size))
   return plan
 
 
@@ -360,11 +369,13 @@ class Evaluator:
     from vdiff import train  # pylint: disable=g-import-not-at-top  (train imports this module)
     model, s = self.model, self.settings
     num = len(ds)
-    plan = batch_plan(num, self.batch_size, self._unit())
+    plan = batch_plan(num, self.batch_size, self._unit(), cut_last=s.estimator == "ode")
     bsh = parallel.batch_sharding(self.mesh)
     path = key = None
     done_rows = {}
     if workdir is not None:
+      if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
       path = os.path.join(workdir, f"eval_{s.estimator}_partial.jsonl")
       key = self._key(params, rng, ds, num, split, step)
       done_rows = _read_partial(path, key)
@@ -388,7 +399,9 @@ class Evaluator:
       local = _local_batch(ds, start, size, num)
       batch = parallel.global_batch({k: local[k] for k in ("image", "label", "index")}, bsh)
       mask = parallel.global_batch(local["mask"], bsh)
-      args = (params, jax.random.fold_in(rng, i), batch, mask)
+      # The ODE folds each example's index into rng itself (its draws do not depend on the batching);
+      # the other estimators draw per batch.
+      args = (params, rng if s.estimator == "ode" else jax.random.fold_in(rng, i), batch, mask)
       fn = self.compiled(*args)
       t0 = time.time()
       nats, nfe, mask = fn(*args)
