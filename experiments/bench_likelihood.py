@@ -6,12 +6,17 @@ first `--num-examples` test images:
 
   elbo   VDM / DiffEnc negative ELBO with k Monte-Carlo time samples per image, for each k of
          `--elbo-samples` (k network evaluations per image; the k estimates are averaged per image).
-         A discrete bound on -log2 P(k) / D: no dequantisation offset (MATH.md sec. 2).
-  cdm    CDM one-step likelihood (CDM Thm 3.2): one classifier evaluation per image on one uniformly
-         dequantised copy; + log2(K/2) bits/dim (MATH.md sec. 4).
-  ode    probability-flow ODE (MATH.md sec. 6), any family (CDM through its gradient denoiser), adaptive
-         Dormand-Prince, rtol = atol = `--ode-tol`, Hutchinson divergence, on the first `--ode-examples`
-         images (slow on a CPU); dequantised, + log2(K/2) bits/dim.
+         A discrete bound on -log2 P(k) / D: no dequantisation offset (docs/math.md sec. 2).
+  cdm    CDM one-step likelihood (CDM Thm 3.2), m = `--dequantization-samples` classifier evaluations
+         per image, for each dequantisation of `--cdm-dequantization`: uniform (class 0, a density on
+         uniformly dequantised data, + log2(K/2) bits/dim, docs/math.md sec. 4) and forward (class 1
+         with the K-level decoder at abar_1: a discrete bound, no offset).
+  ode    probability-flow ODE (docs/math.md sec. 6), any family (CDM through its gradient denoiser),
+         adaptive Dormand-Prince, rtol = atol = `--ode-tol`, Hutchinson divergence, on the first
+         `--ode-examples` images (slow on a CPU), for each dequantisation of `--ode-dequantization`:
+         uniform (+ log2(K/2) bits/dim) or forward (the ODE from `--ode-t0` to 1 with the K-level
+         decoder at t0: a discrete bound comparable with the ELBO, no offset).
+  With m > 1 the dequantised estimators are importance-weighted (log-mean-exp over the m draws).
 
 Every entry reports bits/dim, its standard error over images, network evaluations per image (nfe) and
 seconds per image measured after compilation: each estimator is compiled ahead of time
@@ -25,6 +30,8 @@ image-to-image spread that every estimator shares (much smaller). The compressor
 
   python -m experiments.bench_likelihood --workdirs vdm=/tmp/kd/vdm,cdm=/tmp/kd/cdm \
       --num-examples 500 --elbo-samples 1,10,100 --ode on --ode-examples 16 --out bench.json
+  python -m experiments.bench_likelihood --workdirs vdm=/tmp/quickstart --num-examples 32 \
+      --elbo-samples 100 --ode-dequantization uniform,forward --ode-examples 32
   python -m experiments.bench_likelihood --data digits --num-examples 300   # compressors only
 
 Prints one JSON document (and writes it to --out).
@@ -144,43 +151,50 @@ def per_image_true_bpd(ds) -> np.ndarray | None:
 # --------------------------------------------------------------------------------------------------
 # Estimators: (params, rng, batch) -> (nats [B], nfe [B] or scalar), and whether they are dequantised.
 # --------------------------------------------------------------------------------------------------
-def _native_cfg(k: int):
+def _eval_cfg(**kw):
   import ml_collections  # pylint: disable=g-import-not-at-top
-  return ml_collections.ConfigDict(dict(num_time_samples=k))
+  return ml_collections.ConfigDict(dict(condition="none", **kw))
 
 
 def elbo_fn(model, k: int):
   """Negative ELBO averaged over k independent time samples per image (the trainer's evaluator:
   a fori_loop, compiled once whatever k)."""
-  from vdiff import train  # pylint: disable=g-import-not-at-top
-  return train.make_nll_fn(model, "elbo", _native_cfg(k))
+  from vdiff import evaluate  # pylint: disable=g-import-not-at-top
+  return evaluate.make_nll_fn(model, "elbo", _eval_cfg(num_time_samples=k))
 
 
-def cdm_fn(model):
-  """The CDM one-step density of one dequantisation sample per image (one network evaluation)."""
-  from vdiff import train  # pylint: disable=g-import-not-at-top
-  return train.make_nll_fn(model, "cdm", _native_cfg(1))
+def cdm_fn(model, *, dequantization: str = "uniform", num_samples: int = 1):
+  """The CDM one-step density with m dequantisation draws per image (m network evaluations)."""
+  from vdiff import evaluate  # pylint: disable=g-import-not-at-top
+  return evaluate.make_nll_fn(model, "cdm", _eval_cfg(dequantization=dequantization,
+                                                      num_dequantization_samples=num_samples))
 
 
-def ode_fn(model, *, tol: float, divergence: str):
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from vdiff import train  # pylint: disable=g-import-not-at-top
-  cfg = ml_collections.ConfigDict(dict(ode_rtol=tol, ode_atol=tol, ode_divergence=divergence))
-  return train.make_nll_fn(model, "ode", cfg)
+def ode_fn(model, *, tol: float, divergence: str, dequantization: str = "uniform",
+           num_samples: int = 1, t0: float = 0.0):
+  from vdiff import evaluate  # pylint: disable=g-import-not-at-top
+  cfg = _eval_cfg(ode_rtol=tol, ode_atol=tol, ode_divergence=divergence, dequantization=dequantization,
+                  num_dequantization_samples=num_samples, ode_t0=t0)
+  return evaluate.make_nll_fn(model, "ode", cfg)
 
 
 def run_estimator(fn, params, ds, *, batch_size: int, seed: int, num_levels: int, dequantized: bool,
-                  warmup: bool = True) -> dict:
-  """Per-image bits/dim of `fn` over every image of ds (masked padding), timed after compilation."""
+                  warmup: bool = True, precision: str = "highest") -> dict:
+  """Per-image bits/dim of `fn` over every image of ds (masked padding), timed after compilation
+  (compiled under jax.default_matmul_precision(precision))."""
+  import contextlib  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from vdiff import data as data_lib  # pylint: disable=g-import-not-at-top
   from vdiff import likelihood  # pylint: disable=g-import-not-at-top
-  batches = [{"image": b["image"], "label": b["label"], "mask": b["mask"]}
-             for b in data_lib.eval_batches(ds, batch_size)]
+  # "index": each example's position in ds (the ODE draws its noise per example from it).
+  batches = [{"image": b["image"], "label": b["label"], "mask": b["mask"],
+              "index": np.arange(i * batch_size, (i + 1) * batch_size, dtype=np.int32)}
+             for i, b in enumerate(data_lib.eval_batches(ds, batch_size))]
   rng = jax.random.PRNGKey(seed)
-  strip = lambda b: {"image": b["image"], "label": b["label"]}
+  strip = lambda b: {"image": b["image"], "label": b["label"], "index": b["index"]}
   t0 = time.perf_counter()
-  compiled = jax.jit(fn).lower(params, rng, strip(batches[0])).compile()
+  with (contextlib.nullcontext() if precision == "default" else jax.default_matmul_precision(precision)):
+    compiled = jax.jit(fn).lower(params, rng, strip(batches[0])).compile()
   compile_s = time.perf_counter() - t0
   warmup_s = None
   if warmup:
@@ -251,6 +265,16 @@ def main(argv=None):
                            "(runs not named get 16)")
   parser.add_argument("--ode-tol", type=float, default=1e-5, help="rtol = atol of the ODE solver")
   parser.add_argument("--ode-divergence", choices=("hutchinson", "exact"), default="hutchinson")
+  parser.add_argument("--ode-dequantization", default="uniform",
+                      help="comma-separated dequantisations of the ODE: uniform, forward")
+  parser.add_argument("--cdm-dequantization", default="uniform",
+                      help="comma-separated dequantisations of the CDM one-step density: uniform, forward")
+  parser.add_argument("--dequantization-samples", type=int, default=1,
+                      help="m: dequantisation draws per image of the cdm and ode estimators "
+                           "(importance-weighted)")
+  parser.add_argument("--ode-t0", type=float, default=0.0, help="time of z for the forward-dequantised ODE")
+  parser.add_argument("--precision", choices=("default", "high", "highest"), default="highest",
+                      help="matmul/conv precision every estimator is compiled under")
   parser.add_argument("--ode-warmup", choices=("on", "off"), default="on",
                       help="run the ODE once before timing (doubles its cost; compilation is always "
                            "separate)")
@@ -295,11 +319,17 @@ def main(argv=None):
                "per_image_truth": truth is not None},
       "settings": {"elbo_samples": args.elbo_samples, "ode": args.ode, "ode_examples": args.ode_examples,
                    "ode_tol": args.ode_tol, "ode_divergence": args.ode_divergence,
-                   "batch_size": args.batch_size},
+                   "ode_dequantization": args.ode_dequantization, "ode_t0": args.ode_t0,
+                   "cdm_dequantization": args.cdm_dequantization,
+                   "dequantization_samples": args.dequantization_samples,
+                   "precision": args.precision, "condition": "none", "batch_size": args.batch_size},
       "results": [], "baselines": None,
   }
 
   ks = [int(k) for k in args.elbo_samples.split(",") if k.strip()]
+  m = args.dequantization_samples
+  if m < 1:
+    raise SystemExit(f"--dequantization-samples must be >= 1, got {m}.")
   if "=" in args.ode_examples:
     ode_examples = {name: int(v) for name, v in _parse_pairs(args.ode_examples, "--ode-examples").items()}
   else:
@@ -319,18 +349,25 @@ def main(argv=None):
       jobs += [(f"elbo_k{k}", {"estimator": "elbo", "time_samples": k}, elbo_fn(model, k), ds, True)
                for k in ks]
     elif model.native_estimator == "cdm":
-      jobs.append(("cdm", {"estimator": "cdm", "dequantization_samples": 1}, cdm_fn(model), ds, True))
+      for deq in _names(args.cdm_dequantization, "--cdm-dequantization"):
+        jobs.append((f"cdm_{deq}", {"estimator": "cdm", "dequantization": deq,
+                                    "dequantization_samples": m, "cdm_class": int(deq == "forward")},
+                     cdm_fn(model, dequantization=deq, num_samples=m), ds, True))
     n_ode = ode_examples.get(name, 16)
     if args.ode == "on" and n_ode > 0:
-      jobs.append(("ode", {"estimator": "ode", "ode_tol": args.ode_tol,
-                           "ode_divergence": args.ode_divergence},
-                   ode_fn(model, tol=args.ode_tol, divergence=args.ode_divergence),
-                   subset(ds, n_ode), args.ode_warmup == "on"))
+      for deq in _names(args.ode_dequantization, "--ode-dequantization"):
+        jobs.append((f"ode_{deq}", {"estimator": "ode", "ode_tol": args.ode_tol,
+                                    "ode_divergence": args.ode_divergence, "dequantization": deq,
+                                    "dequantization_samples": m,
+                                    "ode_t0": args.ode_t0 if deq == "forward" else 0.0},
+                     ode_fn(model, tol=args.ode_tol, divergence=args.ode_divergence,
+                            dequantization=deq, num_samples=m, t0=args.ode_t0),
+                     subset(ds, n_ode), args.ode_warmup == "on"))
     for label, meta, (fn, dequantized), sub, warm in jobs:
       print(f"[bench] {name}: {label} on {len(sub)} images ...", file=sys.stderr, flush=True)
       entry = run_estimator(fn, params, sub, batch_size=min(args.batch_size, len(sub)),
                             seed=args.seed, num_levels=model.num_levels, dequantized=dequantized,
-                            warmup=warm)
+                            warmup=warm, precision=args.precision)
       entry = add_gaps(entry, sub, truth)
       doc["results"].append(dict(common, label=f"{name}/{label}", **meta, **entry))
       # Written after every estimator, marked partial: a slow ODE that is cut short loses nothing else.
@@ -351,6 +388,14 @@ def main(argv=None):
   text = _write(doc, args.out)
   print(text)
   return doc
+
+
+def _names(text: str, flag: str) -> list[str]:
+  names = [w.strip() for w in text.split(",") if w.strip()]
+  bad = [w for w in names if w not in ("uniform", "forward")]
+  if bad or not names:
+    raise SystemExit(f"{flag}: expected a comma-separated subset of uniform,forward; got {text!r}.")
+  return names
 
 
 def _write(doc: dict, path: str | None) -> str:

@@ -48,7 +48,8 @@ def main(argv):
     result = {"num_samples": int(samples.shape[0]), "workdir": FLAGS.workdir}
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0 and FLAGS.mode in ("train", "eval") and "bpd" in result:
-    print(f"test bits/dim ({result['estimator']}, {result['num_examples']} images, step "
+    how = result.get("summary", result["estimator"])  # the estimator and its convention
+    print(f"test bits/dim ({how}; {result['num_examples']} images, step "
           f"{result['step']}): {result['bpd']:.4f} +- {result['bpd_stderr']:.4f}", flush=True)
   elif jax.process_index() == 0:
     print(json.dumps(result), flush=True)

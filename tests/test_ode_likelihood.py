@@ -1,4 +1,5 @@
-"""The probability-flow ODE likelihood against closed forms for Gaussian data (MATH.md sec. 6 and 7)."""
+"""The probability-flow ODE likelihood (vdiff/ode.py) against closed forms for Gaussian data (docs/math.md
+sec. 6 and 7)."""
 
 import math
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 from vdiff import likelihood
+from vdiff import ode
 from vdiff import schedules
 
 # A wide schedule: alpha_1 = exp(-8) = 3.4e-4 and sigma_0^2 = 1.7e-6, so the model's prior N(0, I) at t = 1
@@ -17,7 +19,7 @@ LINEAR = schedules.linear()
 
 
 def gaussian_denoiser(schedule, mu, cov):
-  """E[eps | z_t] = sigma C_t^{-1} (z - alpha mu), C_t = alpha^2 Sigma + sigma^2 I (MATH.md sec. 7 with a full
+  """E[eps | z_t] = sigma C_t^{-1} (z - alpha mu), C_t = alpha^2 Sigma + sigma^2 I (docs/math.md sec. 7 with a full
   covariance; for Sigma = s^2 I it is sigma (z - alpha mu) / (alpha^2 s^2 + sigma^2)). Sigma = U diag(lam) U^T.
   """
   lam, u = np.linalg.eigh(np.asarray(cov, np.float64))
@@ -71,9 +73,9 @@ def test_exact_divergence_isotropic_gaussian_equals_data_log_density():
   cov = s**2 * np.eye(d)
   x = mu + s * np.random.default_rng(1).normal(size=(6, d)).astype(np.float32)
   eps_fn = gaussian_denoiser(WIDE, mu, cov)
-  logp, nfe = jax.jit(lambda x: likelihood.ode_log_likelihood(
+  logp, nfe = jax.jit(lambda x: ode.ode_log_likelihood(
       jax.random.PRNGKey(0), eps_fn, WIDE, x, divergence="exact"))(jnp.asarray(x, jnp.float32))
-  # MATH.md sec. 6 requirement: log N(x; mu, s^2 I) within 1e-3 nats/dim. The model's own density (prior
+  # docs/math.md sec. 6 requirement: log N(x; mu, s^2 I) within 1e-3 nats/dim. The model's own density (prior
   # N(0, I) instead of the true p_1, p_0 instead of the data) differs from it by < 2e-4 nats/dim here.
   np.testing.assert_allclose(logp / d, gaussian_log_density(mu, cov, x) / d, atol=1e-3)
   np.testing.assert_allclose(logp / d, model_log_density(WIDE, mu, cov, x) / d, atol=1e-4)
@@ -90,8 +92,8 @@ def test_exact_and_hutchinson_divergence_full_covariance():
 
   @jax.jit
   def run(x, x_rep):
-    exact, _ = likelihood.ode_log_likelihood(jax.random.PRNGKey(0), eps_fn, LINEAR, x, divergence="exact")
-    hutch, nfe = likelihood.ode_log_likelihood(jax.random.PRNGKey(1), eps_fn, LINEAR, x_rep,
+    exact, _ = ode.ode_log_likelihood(jax.random.PRNGKey(0), eps_fn, LINEAR, x, divergence="exact")
+    hutch, nfe = ode.ode_log_likelihood(jax.random.PRNGKey(1), eps_fn, LINEAR, x_rep,
                                                divergence="hutchinson", solver="tsit5")
     return exact, hutch, nfe
 
@@ -115,7 +117,7 @@ def test_hutchinson_is_exact_for_isotropic_gaussian():
   cov = s**2 * np.eye(d)
   x = jnp.asarray(mu + s * np.random.default_rng(3).normal(size=(3, d)), jnp.float32)
   eps_fn = gaussian_denoiser(LINEAR, mu, cov)
-  logp, _ = jax.jit(lambda x: likelihood.ode_log_likelihood(jax.random.PRNGKey(5), eps_fn, LINEAR, x))(x)
+  logp, _ = jax.jit(lambda x: ode.ode_log_likelihood(jax.random.PRNGKey(5), eps_fn, LINEAR, x))(x)
   np.testing.assert_allclose(logp / d, model_log_density(LINEAR, mu, cov, np.asarray(x)) / d, atol=1e-4)
 
 
@@ -130,14 +132,14 @@ def test_nfe_matches_counted_denoiser_calls():
 
   for solver in ("dopri5", "tsit5"):
     calls.clear()
-    _, nfe = jax.jit(lambda x: likelihood.ode_log_likelihood(
+    _, nfe = jax.jit(lambda x: ode.ode_log_likelihood(
         jax.random.PRNGKey(0), eps_fn, LINEAR, x, solver=solver))(jnp.array([[0.2, -0.4]]))
     jax.effects_barrier()
     assert int(nfe[0]) == len(calls), (solver, int(nfe[0]), len(calls))
 
 
 def test_ode_nll_bpd_convention():
-  # bpd = -log p(y) / (D ln 2) + log2(K / 2) on y = dequantize(k) (MATH.md sec. 4, 6), with the same keys.
+  # bpd = -log p(y) / (D ln 2) + log2(K / 2) on y = dequantize(k) (docs/math.md sec. 4, 6), with the same keys.
   k_levels, d = 16, 3
   eps_fn = gaussian_denoiser(LINEAR, np.zeros(d), 0.3 * np.eye(d))
   k = jax.random.randint(jax.random.PRNGKey(0), (2, d), 0, k_levels)
@@ -145,10 +147,10 @@ def test_ode_nll_bpd_convention():
 
   @jax.jit
   def run(k):
-    bpd, nfe = likelihood.ode_nll_bpd(rng, eps_fn, LINEAR, k, num_levels=k_levels)
+    bpd, nfe = ode.ode_nll_bpd(rng, eps_fn, LINEAR, k, num_levels=k_levels)
     rng_u, rng_p = jax.random.split(rng)
     y = likelihood.dequantize(rng_u, k, k_levels)
-    logp, _ = likelihood.ode_log_likelihood(rng_p, eps_fn, LINEAR, y)
+    logp, _ = ode.ode_log_likelihood(rng_p, eps_fn, LINEAR, y)
     return bpd, nfe, logp, y
 
   bpd, nfe, logp, y = run(k)
@@ -163,10 +165,10 @@ def test_validation():
   x = jnp.zeros((2, 2))
   rng = jax.random.PRNGKey(0)
   with pytest.raises(ValueError, match="divergence"):
-    likelihood.ode_log_likelihood(rng, eps_fn, LINEAR, x, divergence="skilling")
+    ode.ode_log_likelihood(rng, eps_fn, LINEAR, x, divergence="skilling")
   with pytest.raises(ValueError, match="solver"):
-    likelihood.ode_log_likelihood(rng, eps_fn, LINEAR, x, solver="euler")
+    ode.ode_log_likelihood(rng, eps_fn, LINEAR, x, solver="euler")
   with pytest.raises(ValueError, match="t0"):
-    likelihood.ode_log_likelihood(rng, eps_fn, LINEAR, x, t0=1.0, t1=0.0)
+    ode.ode_log_likelihood(rng, eps_fn, LINEAR, x, t0=1.0, t1=0.0)
   with pytest.raises(ValueError, match="rank"):
-    likelihood.ode_log_likelihood(rng, eps_fn, LINEAR, jnp.zeros((2,)))
+    ode.ode_log_likelihood(rng, eps_fn, LINEAR, jnp.zeros((2,)))
