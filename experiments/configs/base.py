@@ -93,7 +93,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # forward = a discrete bound with the forward process q(z_t0 | k) and the K-level decoder, comparable
   # with the ELBO (ODE from ode_t0 to 1; CDM class 1). See vdiff/evaluate.py.
   ev.dequantization = "uniform"     # uniform | forward
-  ev.num_dequantization_samples = 1  # cdm / ode: importance samples per image (log-mean-exp)
+  ev.num_dequantization_samples = 1  # cdm / ode: importance samples per image (log-mean-exp); with
+                             # ode_divergence=hutchinson and > 1 the probe noise biases the bound down
   ev.ode_t0 = 0.0            # forward dequantisation of the ODE: time of z (0 = the schedule's gamma_min)
   ev.ode_rtol = 1e-5
   ev.ode_atol = 1e-5
