@@ -3,6 +3,11 @@
   python -m experiments.main --config=experiments/configs/NAME.py[:words] --workdir=DIR \
       [--mode=train|eval|sample] [--config.key=value ...]
 
+Exit status: 0 done (or stopped by SIGTERM after saving a checkpoint), 130 stopped by SIGINT (Ctrl-C;
+a checkpoint was saved unless Ctrl-C came twice), 3 training.nan_policy='stop' stopped a non-finite run,
+2 a resume whose config changes a guarded key (vdiff.workdir.HARMLESS_KEYS), 75 the work directory is
+locked by another live run, 1 any other error.
+
 Multi-host runs: pass --coordinator_address/--num_processes/--process_id (or the VDIFF_* environment
 variables, see vdiff.parallel.initialize_distributed) to every process.
 """
@@ -17,6 +22,10 @@ from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 EXIT_NONFINITE = 3  # exit status of a run stopped by training.nan_policy='stop'
+EXIT_CONFIG_CHANGE = 2  # a refused config change, like other command-line argument errors
+EXIT_LOCKED = 75  # EX_TEMPFAIL: another run holds the work directory; try again later
+EXIT_SIGINT = 130  # 128 + SIGINT, as a shell reports a process ended by Ctrl-C
+EXIT_WORKDIR = 1  # any other refusal of the work directory (a checkpoint of another structure, ...)
 config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:words]).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Work directory (checkpoints, metrics, eval.json, samples).")
@@ -35,23 +44,34 @@ def main(argv):
   from vdiff import train  # pylint: disable=g-import-not-at-top
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
   config = FLAGS.config
-  if FLAGS.mode == "train":
-    try:
+  from vdiff import workdir  # pylint: disable=g-import-not-at-top
+  try:
+    if FLAGS.mode == "train":
       result = train.train_and_evaluate(config, FLAGS.workdir)
-    except train.NonFiniteError as e:
-      print(f"[vdiff] training stopped: {e}", file=sys.stderr, flush=True)
-      sys.exit(EXIT_NONFINITE)
-  elif FLAGS.mode == "eval":
-    result = train.evaluate_checkpoint(config, FLAGS.workdir)
-  else:
-    samples = train.sample_checkpoint(config, FLAGS.workdir)
-    result = {"num_samples": int(samples.shape[0]), "workdir": FLAGS.workdir}
+    elif FLAGS.mode == "eval":
+      result = train.evaluate_checkpoint(config, FLAGS.workdir)
+    else:
+      samples = train.sample_checkpoint(config, FLAGS.workdir)
+      result = {"num_samples": int(samples.shape[0]), "workdir": FLAGS.workdir}
+  except train.NonFiniteError as e:
+    print(f"[vdiff] training stopped: {e}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_NONFINITE)
+  except workdir.WorkdirError as e:
+    print(f"[vdiff] refused: {e}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_CONFIG_CHANGE if isinstance(e, workdir.ConfigChangeError) else
+             EXIT_LOCKED if isinstance(e, workdir.WorkdirLockedError) else EXIT_WORKDIR)
+  except KeyboardInterrupt:
+    print("[vdiff] interrupted (SIGINT): stopped at once; the newest checkpoint is the last saved one.",
+          file=sys.stderr, flush=True)
+    sys.exit(EXIT_SIGINT)
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0 and FLAGS.mode in ("train", "eval") and "bpd" in result:
     print(f"test bits/dim ({result['estimator']}, {result['num_examples']} images, step "
           f"{result['step']}): {result['bpd']:.4f} +- {result['bpd_stderr']:.4f}", flush=True)
   elif jax.process_index() == 0:
     print(json.dumps(result), flush=True)
+  if result.get("preempted") and result.get("signal") == "SIGINT":
+    sys.exit(EXIT_SIGINT)
 
 
 if __name__ == "__main__":

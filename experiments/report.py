@@ -26,21 +26,6 @@ import os
 import sys
 
 
-def _read_jsonl(path: str) -> list[dict]:
-  rows = []
-  if not os.path.exists(path):
-    return rows
-  with open(path) as f:
-    for line in f:
-      line = line.strip()
-      if line:
-        try:
-          rows.append(json.loads(line))
-        except json.JSONDecodeError:
-          pass  # a line cut short by a killed run
-  return rows
-
-
 def _read_json(path: str):
   if not os.path.exists(path):
     return None
@@ -49,8 +34,13 @@ def _read_json(path: str):
 
 
 def run_history(workdir: str) -> dict:
-  """Eval rows (step, bpd, stderr), training-loss rows (step, bpd), eval.json and approximate train time."""
-  rows = _read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  """Eval rows (step, bpd, stderr), training-loss rows (step, bpd), eval.json and approximate train time.
+
+  metrics.jsonl is read with vdiff.workdir.read_metrics: after a resume each step keeps the row of the
+  resumed run (the rows the stopped run logged after its last checkpoint are dropped).
+  """
+  from vdiff.workdir import read_metrics  # pylint: disable=g-import-not-at-top
+  rows = read_metrics(os.path.join(workdir, "metrics.jsonl"))
   evals = {}
   for r in rows:
     if "eval_bpd" in r:

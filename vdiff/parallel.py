@@ -1,4 +1,5 @@
-"""Data parallelism over every device of every host with jax.jit, a Mesh and NamedSharding.
+"""Data parallelism over every device of every host with jax.jit, a Mesh and NamedSharding; processes
+agreeing on a host-side flag (`any_process`: a preemption step, an unreadable checkpoint).
 
 One code path for 1 CPU, 8 GPUs or a TPU pod: parameters are replicated (PartitionSpec()), batches are
 split along their example axis over the mesh axis "data". Under jit the loss sees the GLOBAL batch, so
@@ -95,3 +96,18 @@ def global_batch(local: Any, sharding: NamedSharding, *, batch_axis: int = 0) ->
 def fetch(tree: Any) -> Any:
   """Fully replicated (or fully addressable) arrays -> numpy on this host."""
   return jax.tree.map(lambda a: np.asarray(jax.device_get(a)), tree)
+
+
+def any_process(flag: bool) -> bool:
+  """True on every process when `flag` is True on at least one (an all-gather of one int per process).
+
+  How processes agree on a host-side event that reaches them at different moments (SIGTERM at a
+  preemption, a checkpoint that one process cannot read): every process calls this at the same point
+  of the program, e.g. at the same training step, and all take the same branch. It is a collective
+  and a host synchronisation, so the train loop calls it every few steps, not every step.
+  """
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  flags = multihost_utils.process_allgather(np.asarray(int(bool(flag)), np.int32))
+  return bool(np.any(np.asarray(flags)))

@@ -16,6 +16,7 @@ from its last checkpoint ends in the state of an uninterrupted run.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -40,6 +41,7 @@ from vdiff import grid
 from vdiff import likelihood
 from vdiff import models
 from vdiff import parallel
+from vdiff import workdir as workdir_lib
 
 Array = jax.Array
 log = logging.getLogger("vdiff")
@@ -288,45 +290,14 @@ def evaluate(model, params, ds, *, estimator: str, eval_cfg, mesh, rng, split: s
 
 
 # --------------------------------------------------------------------------------------------------
-# Checkpoints.
+# The work directory (vdiff/workdir.py); these names stay importable from here.
 # --------------------------------------------------------------------------------------------------
-def checkpoint_manager(workdir: str, *, max_to_keep: int, async_save: bool = True):
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                         enable_async_checkpointing=async_save)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
-
-
-def restore_latest(mngr, abstract_state) -> tuple[Any, int | None]:
-  """Restore the newest checkpoint that reads back whole and finite; fall back to older ones.
-
-  A checkpoint cut short by a crash (or corrupted on disk) raises on restore; it is reported and the
-  previous step is tried, so one bad save never loses the run.
-  """
-  for step in sorted(mngr.all_steps(), reverse=True):
-    try:
-      state = mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
-    except Exception as e:  # pylint: disable=broad-except
-      log.warning("checkpoint at step %d cannot be restored (%s: %s); trying an older one.",
-                  step, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-      continue
-    if not bool(_all_finite(state.params)):
-      log.warning("checkpoint at step %d holds non-finite parameters; trying an older one.", step)
-      continue
-    return state, step
-  return None, None
-
-
-def save_checkpoint(mngr, state, step: int) -> bool:
-  """Save unless the state holds a non-finite value or was frozen by nan_policy='stop' (a bad state
-  never replaces a good one, and a frozen one is not saved under a later step's name)."""
-  if not bool(jax.device_get(_all_finite((state.params, state.ema_params)))):
-    log.error("not saving step %d: the state holds non-finite values.", step)
-    return False
-  if bool(jax.device_get(state.halted)):
-    log.error("not saving step %d: training stopped at a non-finite step (nan_policy='stop').", step)
-    return False
-  mngr.save(step, args=ocp.args.StandardSave(state))
-  return True
+checkpoint_manager = workdir_lib.checkpoint_manager
+restore_latest = workdir_lib.restore_latest
+save_checkpoint = workdir_lib.save_checkpoint
+write_json = workdir_lib.write_json
+append_jsonl = workdir_lib.append_jsonl
+_Scalars = workdir_lib.Scalars
 
 
 # --------------------------------------------------------------------------------------------------
@@ -341,48 +312,6 @@ def _progress(*, total, desc, enabled=True, initial=0):
 def _say(msg: str) -> None:
   if jax.process_index() == 0:
     print(f"[vdiff] {msg}", flush=True)
-
-
-def write_json(path: str, obj) -> None:
-  """Write JSON atomically (temporary file + rename): readers never see half a file."""
-  if jax.process_index() != 0:
-    return
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
-
-
-def append_jsonl(path: str, obj) -> None:
-  if jax.process_index() != 0:
-    return
-  with open(path, "a") as f:
-    f.write(json.dumps(obj, sort_keys=True) + "\n")
-
-
-class _Scalars:
-  """metrics.jsonl rows mirrored as TensorBoard scalars (workdir/tensorboard; tensorboardX writes the
-  event files without TensorFlow). Process 0 only."""
-
-  def __init__(self, workdir: str):
-    self._writer = None
-    if jax.process_index() == 0:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
-
-  def write(self, row: dict) -> None:
-    if self._writer is None:
-      return
-    step = int(row["step"])
-    for k, v in row.items():
-      if k != "step" and isinstance(v, (int, float)):
-        self._writer.add_scalar(k, float(v), step)
-    self._writer.flush()
-
-  def close(self) -> None:
-    if self._writer is not None:
-      self._writer.close()
 
 
 def _to_python(tree):
@@ -413,38 +342,87 @@ def _stack_batches(ds, config, start_step: int, n: int):
 
 
 class _Preemption:
-  """Turns SIGTERM (how cluster and TPU preemption arrives) into a flag the train loop checks."""
+  """Turns SIGTERM (how cluster and TPU preemption arrives) and SIGINT (Ctrl-C) into a flag the train
+  loop checks: it saves a checkpoint at the step it is at and stops. A second SIGINT raises
+  KeyboardInterrupt at once (the checkpoint being written, if any, is left as orbax's temporary
+  directory, which the next run moves aside)."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.requested = False
-    self._old = None
+    self.signum = None
+    self._old = {}
+
+  @property
+  def requested(self) -> bool:
+    return self.signum is not None
+
+  @property
+  def name(self) -> str | None:
+    return None if self.signum is None else signal.Signals(self.signum).name
 
   def __enter__(self):
-    try:
-      self._old = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread
-      self._old = None
+    for s in self.SIGNALS:
+      try:
+        self._old[s] = signal.signal(s, self._handle)
+      except ValueError:  # not the main thread
+        pass
     return self
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
-    self.requested = True
+    if self.signum is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    if self.signum is None:
+      self.signum = signum
+      # os.write, not print: a handler that prints while the main thread prints raises RuntimeError.
+      os.write(2, (f"\n[vdiff] {signal.Signals(signum).name}: saving a checkpoint at the current step "
+                   "and stopping" + (" (Ctrl-C again to stop at once)" if signum == signal.SIGINT
+                                     else "") + "\n").encode())
 
   def __exit__(self, *exc):
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
+    for s, old in self._old.items():
+      signal.signal(s, old)
+    self._old = {}
 
 
 def _crossed(prev: int, new: int, every: int) -> bool:
   return every > 0 and new // every > prev // every
 
 
-def _sample_and_save(model, params, config, workdir, step, rng):
+# Dispatched train steps the host may run ahead of the device. jax dispatches asynchronously, so without
+# a bound the loop queues dozens of steps; a preemption signal (and the checkpoint after it) would wait
+# for all of them. With at most this many in flight it is acted on within a few step times, and the
+# progress bar counts finished steps.
+MAX_STEPS_IN_FLIGHT = 2
+# In a multi-process run the processes agree on a preemption signal (which reaches them at different
+# moments) every this many steps, at the same steps on every process, so that all save the same step.
+# Each agreement is an all-gather and a host synchronisation; a one-process run checks every dispatch.
+PREEMPTION_CHECK_STEPS = 4
+# Sampling keys: fold_in(fold_in(PRNGKey(seed), _SAMPLE_STREAM), step). PRNGKey(seed) itself is split for
+# the initialisation, so the samples draw from a stream of their own.
+_SAMPLE_STREAM = 0x53414D50
+
+
+def sample_key(seed: int, step: int) -> Array:
+  """The key the samples of `step` are drawn with (training's periodic and final samples, --mode=sample)."""
+  return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), _SAMPLE_STREAM), step)
+
+
+def make_sample_fn(model, sample_cfg):
+  """(params, rng, label) -> integer samples, jitted once for the config's sampler settings."""
+  s = sample_cfg
+  return jax.jit(functools.partial(model.sample, num=s.num_samples, num_steps=s.num_steps,
+                                   sampler=s.sampler, eta=s.eta, guidance_weight=s.guidance_weight))
+
+
+def _sample_and_save(model, params, config, workdir, step, rng, *, sample_fn=None):
+  """Draw config.sample.num_samples samples and write samples_<step>.png/.npz; `sample_fn` (from
+  make_sample_fn) is reused across calls so that periodic sampling compiles once."""
   s = config.sample
   label = None
   if model.num_labels and s.label >= 0:
     label = jnp.full((s.num_samples,), s.label, jnp.int32)
-  fn = jax.jit(functools.partial(model.sample, num=s.num_samples, num_steps=s.num_steps,
-                                 sampler=s.sampler, eta=s.eta, guidance_weight=s.guidance_weight))
+  fn = sample_fn if sample_fn is not None else make_sample_fn(model, s)
   samples = np.asarray(jax.device_get(fn(params, rng, label=label)))
   if jax.process_index() == 0:
     base = os.path.join(workdir, f"samples_{step:08d}")
@@ -519,44 +497,78 @@ def setup(config, workdir):
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Train (resuming from the newest good checkpoint), evaluate and sample; returns the last eval."""
+  """Train (resuming from the newest good checkpoint), evaluate and sample; returns the last eval.
+
+  The work directory's contract (vdiff/workdir.py) comes first: the run takes the directory's lock, and a
+  resume whose config changes a guarded key is refused before anything is written. A run stopped by
+  SIGTERM or SIGINT saves a checkpoint and returns {"step", "preempted": True, "signal"}.
+  """
+  validate_config(config)
+  with workdir_lib.lock(workdir):
+    changes = workdir_lib.check_config(workdir, config)
+    return _train_and_evaluate(config, workdir, changes)
+
+
+def _abstract_replicated(abstract, mesh):
+  return jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=parallel.replicated(mesh)), abstract)
+
+
+def _train_and_evaluate(config, workdir, changes) -> dict:
   mesh, train_ds, model, init, abstract, rng = setup(config, workdir)
   t = config.training
-  write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
   test_ds = load_data(config, config.eval.split)
+  workdir_lib.move_aside_temporary(workdir)
   mngr = checkpoint_manager(workdir, max_to_keep=t.max_checkpoints_to_keep,
                             async_save=t.async_checkpointing)
-  abstract = jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=parallel.replicated(mesh)), abstract)
-  state, start = restore_latest(mngr, abstract)
+  state, start = restore_latest(mngr, _abstract_replicated(abstract, mesh))
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
   if state is None:
     state, start = init(rng), 0
     _say(f"new run in {workdir} on {jax.device_count()} device(s), {jax.process_count()} process(es)")
   else:
+    start = int(start)
     _say(f"resumed from the checkpoint at step {start} in {workdir}")
-  start = int(start)
+    # Rows logged after this checkpoint by the run that stopped are superseded from here on
+    # (workdir.read_metrics drops them).
+    append_jsonl(metrics_path, {"step": start, "event": "resumed", "from_step": start})
+    workdir_lib.prune(mngr, t.max_checkpoints_to_keep)
+  workdir_lib.record_config(workdir, config, step=start, changes=changes)
 
   step_fn = make_train_step(model, ema_decay=t.ema_decay, nan_policy=t.nan_policy,
                             inject_nan_at_step=t.inject_nan_at_step)
   n = t.steps_per_dispatch
   train_step = jit_train_step(step_fn, mesh, steps_per_dispatch=n)
   bsh = parallel.batch_sharding(mesh, leading_axes=0 if n == 1 else 1)
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
   scalars = _Scalars(workdir)
   eval_rng = jax.random.PRNGKey(config.seed + 1)
+  sample_fn = None
   last_eval = None
   step = start
   bar = _progress(total=t.num_steps, desc="train", initial=start)
   t_last, step_last = time.time(), step
+  in_flight = collections.deque()  # (step reached, an output of that dispatch) not yet known finished
+  finished = start
+
+  def wait_for(until: int) -> None:
+    nonlocal finished
+    while in_flight and (in_flight[0][0] <= until or len(in_flight) > MAX_STEPS_IN_FLIGHT):
+      s, token = in_flight.popleft()
+      jax.block_until_ready(token)
+      bar.update(s - finished)
+      finished = s
+
   with _Preemption() as preempt:
     while step < t.num_steps:
       local = _stack_batches(train_ds, config, step, n)
       batch = parallel.global_batch(local, bsh, batch_axis=0 if n == 1 else 1)
       state, metrics = train_step(state, batch)
       prev, step = step, step + n
-      bar.update(n)
+      in_flight.append((step, metrics["loss"]))  # metrics are not donated: safe to wait on later
+      wait_for(-1)  # keep at most MAX_STEPS_IN_FLIGHT dispatches queued
       is_last = step >= t.num_steps
       if _crossed(prev, step, t.log_every) or is_last:
+        wait_for(step)
         m = _to_python(metrics)
         nonfinite = int(state.nonfinite_count)
         dt = time.time() - t_last
@@ -578,15 +590,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 f"non-finite loss or gradient at step {first} (nan_policy='stop'); the state was "
                 f"frozen there and the last checkpoint ({mngr.latest_step()}) is finite.")
           log.warning("%d non-finite step(s) skipped so far (first at step %d)", nonfinite, first)
-      if _crossed(prev, step, t.checkpoint_every) or is_last or preempt.requested:
+      # Every process must stop at the same step (the save is a collective): one process agrees with
+      # itself at every dispatch; several agree every PREEMPTION_CHECK_STEPS steps and at the end.
+      if jax.process_count() == 1:
+        stop = preempt.requested
+      elif _crossed(prev, step, PREEMPTION_CHECK_STEPS) or is_last:
+        stop = parallel.any_process(preempt.requested)
+      else:
+        stop = False
+      if _crossed(prev, step, t.checkpoint_every) or is_last or stop:
         save_checkpoint(mngr, state, step)
-      if preempt.requested:
+      if stop:
+        wait_for(step)
         mngr.wait_until_finished()
-        append_jsonl(metrics_path, {"step": step, "event": "preempted"})
-        log.warning("SIGTERM: saved a checkpoint at step %d and stopped.", step)
+        name = preempt.name or "a signal to another process"
+        append_jsonl(metrics_path, {"step": step, "event": "preempted", "signal": name})
+        log.warning("%s: saved a checkpoint at step %d and stopped.", name, step)
         bar.close()
+        scalars.close()
         mngr.close()
-        return {"step": step, "preempted": True}
+        return {"step": step, "preempted": True, "signal": name}
       if _crossed(prev, step, t.eval_every) and not is_last:
         last_eval = evaluate(model, state.ema_params, test_ds, estimator=config.eval.estimator,
                              eval_cfg=config.eval, mesh=mesh, rng=eval_rng, split=config.eval.split,
@@ -595,7 +618,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         append_jsonl(metrics_path, row)
         scalars.write(row)
       if _crossed(prev, step, t.sample_every) and not is_last:
-        _sample_and_save(model, state.ema_params, config, workdir, step, jax.random.PRNGKey(step))
+        sample_fn = sample_fn or make_sample_fn(model, config.sample)
+        _sample_and_save(model, state.ema_params, config, workdir, step,
+                         sample_key(config.seed, step), sample_fn=sample_fn)
+    wait_for(step)
   bar.close()
   mngr.wait_until_finished()
   last_eval = evaluate(model, state.ema_params, test_ds, estimator=config.eval.estimator,
@@ -608,18 +634,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   scalars.write(row)
   scalars.close()
   if config.sample.num_samples > 0:
-    _sample_and_save(model, state.ema_params, config, workdir, step, jax.random.PRNGKey(config.seed))
+    sample_fn = sample_fn or make_sample_fn(model, config.sample)
+    _sample_and_save(model, state.ema_params, config, workdir, step, sample_key(config.seed, step),
+                     sample_fn=sample_fn)
   mngr.close()
   return last_eval
 
 
 def _restore_for_inference(config, workdir):
+  """The newest good checkpoint for --mode=eval/sample. Read-only: a training run may hold the work
+  directory, so a bad checkpoint is reported and skipped, not moved, and the lock is not taken."""
+  validate_config(config)
+  workdir_lib.check_config(workdir, config)
   mesh, train_ds, model, _, abstract, _ = setup(config, workdir)
   mngr = checkpoint_manager(workdir, max_to_keep=config.training.max_checkpoints_to_keep,
                             async_save=False)
-  abstract = jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=parallel.replicated(mesh)), abstract)
-  state, step = restore_latest(mngr, abstract)
+  state, step = restore_latest(mngr, _abstract_replicated(abstract, mesh), move_aside=False)
   mngr.close()
   if state is None:
     raise FileNotFoundError(f"no restorable checkpoint in {os.path.join(workdir, 'checkpoints')}; "
@@ -643,5 +673,4 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
 def sample_checkpoint(config, workdir: str) -> np.ndarray:
   """--mode=sample: draw config.sample.num_samples samples from the newest checkpoint; PNG + npz."""
   _, model, state, step = _restore_for_inference(config, workdir)
-  return _sample_and_save(model, state.ema_params, config, workdir, step,
-                          jax.random.PRNGKey(config.seed))
+  return _sample_and_save(model, state.ema_params, config, workdir, step, sample_key(config.seed, step))

@@ -82,6 +82,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   t.async_checkpointing = True
   t.nan_policy = "skip"      # skip | stop
   t.inject_nan_at_step = -1  # testing switch: replace that step's loss by NaN
+  t.allow_config_change = False  # resume even if a guarded key changed (vdiff/workdir.py HARMLESS_KEYS)
 
   c.eval = ev = ml_collections.ConfigDict()
   ev.split = "test"
