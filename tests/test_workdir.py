@@ -362,3 +362,35 @@ def test_two_runs_at_once_and_sigint(tmp_path):
   assert rows[-1]["event"] == "preempted" and rows[-1]["signal"] == "SIGINT"
   assert _steps(workdir) == [rows[-1]["step"]]
   assert not os.path.exists(os.path.join(workdir, wd.LOCK_FILE))
+
+
+def test_a_signal_is_acted_on_within_a_few_steps(tmp_path, monkeypatch):
+  """Each step sleeps 0.2 s on the device (a host callback inside the compiled step), and SIGTERM arrives
+  while the step that makes step 4 runs. Old code let the host dispatch every step ahead of the device
+  (about 30 queued), so the signal was acted on only after all of them: the 40-step run saved far
+  later or finished. Now at most 2 dispatched steps run ahead of the device (MAX_STEPS_IN_FLIGHT): the
+  checkpoint is at step <= 4 + 2 + 1 (one more for the signal's timing)."""
+  make = train.make_train_step
+
+  def slow_make(model, **kwargs):
+    step_fn = make(model, **kwargs)
+
+    def callback(step):
+      if int(step) == 3:
+        os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(0.2)
+
+    def slow(state, batch):
+      jax.debug.callback(callback, state.step)
+      return step_fn(state, batch)
+
+    return slow
+
+  monkeypatch.setattr(train, "make_train_step", slow_make)
+  config = _config(**{"training.num_steps": 40, "training.checkpoint_every": 1000,
+                      "training.log_every": 1000, "training.sample_every": 0,
+                      "sample.num_samples": 0})
+  result = train.train_and_evaluate(config, str(tmp_path / "w"))
+  assert result.get("preempted") and result["signal"] == "SIGTERM", result
+  assert result["step"] <= 7, f"SIGTERM during step 4 was acted on at step {result['step']}"
+  assert _steps(str(tmp_path / "w")) == [result["step"]]
