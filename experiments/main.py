@@ -13,6 +13,7 @@ variables, see vdiff.parallel.initialize_distributed) to every process.
 """
 
 import json
+import os
 import sys
 
 from absl import app
@@ -63,7 +64,10 @@ def main(argv):
   except KeyboardInterrupt:
     print("[vdiff] interrupted (SIGINT): stopped at once; the newest checkpoint is the last saved one.",
           file=sys.stderr, flush=True)
-    sys.exit(EXIT_SIGINT)
+    # os._exit: an asynchronous checkpoint write may still be running in orbax's thread, and the
+    # interpreter would wait for it; the next run moves its temporary directory aside.
+    sys.stdout.flush()
+    os._exit(EXIT_SIGINT)  # pylint: disable=protected-access
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0 and FLAGS.mode in ("train", "eval") and "bpd" in result:
     print(f"test bits/dim ({result['estimator']}, {result['num_examples']} images, step "

@@ -52,12 +52,17 @@ def _largest_file(step_dir):
   return max(files, key=os.path.getsize)
 
 
+def _abstract(mesh, abstract):
+  return jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=parallel.replicated(mesh)), abstract)
+
+
 def _restore(workdir, config=None, **kw):
   config = config or _config()
   mesh, _, _, _, abstract, _ = train.setup(config, workdir)
   mngr = wd.checkpoint_manager(workdir, max_to_keep=100, async_save=False)
   try:
-    return wd.restore_latest(mngr, train._abstract_replicated(abstract, mesh), **kw)  # pylint: disable=protected-access
+    return wd.restore_latest(mngr, _abstract(mesh, abstract), **kw)
   finally:
     mngr.close()
 
@@ -176,16 +181,16 @@ def test_a_damaged_newest_checkpoint_is_detected_moved_aside_and_saved_again(run
   checkpoint's largest file: its checksum fails, it moves to checkpoints/corrupt/10, the run resumes
   from 5 and saves step 10 again (old code: orbax skipped the save at 10, an existing step)."""
   step_dir = os.path.join(run_copy, "checkpoints", "10")
-  assert os.path.exists(os.path.join(step_dir, wd.CHECKSUMS_FILE))
   damage(_largest_file(step_dir))
   result = train.train_and_evaluate(_config(**{"sample.num_samples": 0}), run_copy)
   out = capsys.readouterr()
+  assert "resumed from the checkpoint at step 5" in out.out, out.out[-2000:]
   assert "checkpoint at step 10 is unusable (checksum mismatch" in out.err
-  assert "resumed from the checkpoint at step 5" in out.out
   assert result["step"] == 10 and _steps(run_copy) == [5, 10]
   assert os.listdir(os.path.join(run_copy, "checkpoints", wd.CORRUPT)) == ["10"]
   state, step = _restore(run_copy)
   assert step == 10 and int(state.step) == 10  # the new step 10 verifies and reads back
+  assert os.path.exists(os.path.join(step_dir, wd.CHECKSUMS_FILE))
   assert wd.verify_checksums(step_dir) is None
 
 
@@ -193,7 +198,7 @@ def test_nonfinite_ema_or_optimizer_state_is_not_restored(run_copy):
   """A checkpoint whose EMA or Adam moments hold NaN (checksums written over the bad bytes, as a bad save
   would) is moved aside; old code looked at the parameters only."""
   state, _ = _restore(run_copy)
-  mngr = wd.checkpoint_manager(run_copy, max_to_keep=100, async_save=False)
+  mngr = train.checkpoint_manager(run_copy, max_to_keep=100, async_save=False)
   bad = state.replace(opt_state=jax.tree.map(
       lambda a: a * np.nan if np.issubdtype(a.dtype, np.floating) else a, state.opt_state))
   # save_checkpoint refuses non-finite parameters/EMA, so write the bad state through orbax directly.
@@ -201,7 +206,11 @@ def test_nonfinite_ema_or_optimizer_state_is_not_restored(run_copy):
   assert mngr.save(11, args=ocp.args.StandardSave(bad))
   mngr.close()
   assert _steps(run_copy) == [5, 10, 11]
-  state, step = _restore(run_copy)
+  config = _config()
+  mesh, _, _, _, abstract, _ = train.setup(config, run_copy)
+  mngr = train.checkpoint_manager(run_copy, max_to_keep=100, async_save=False)
+  state, step = train.restore_latest(mngr, _abstract(mesh, abstract))
+  mngr.close()
   assert step == 10
   assert os.listdir(os.path.join(run_copy, "checkpoints", wd.CORRUPT)) == ["11"]
 
@@ -209,10 +218,10 @@ def test_nonfinite_ema_or_optimizer_state_is_not_restored(run_copy):
 def test_a_skipped_save_is_an_error(run_copy):
   """orbax saves only steps after its newest one; old code ignored the returned False."""
   state, _ = _restore(run_copy)
-  mngr = wd.checkpoint_manager(run_copy, max_to_keep=100, async_save=False)
+  mngr = train.checkpoint_manager(run_copy, max_to_keep=100, async_save=False)
   try:
     with pytest.raises(wd.CheckpointSaveError, match="step 7"):
-      wd.save_checkpoint(mngr, state, 7)
+      train.save_checkpoint(mngr, state, 7)
   finally:
     mngr.close()
 
@@ -271,7 +280,7 @@ def test_sampling_compiles_once_and_draws_from_its_own_key(base_run):
   config = _config()
   mesh, _, model, _, abstract, _ = train.setup(config, workdir)
   mngr = wd.checkpoint_manager(workdir, max_to_keep=100, async_save=False)
-  state, step = wd.restore_latest(mngr, train._abstract_replicated(abstract, mesh))  # pylint: disable=protected-access
+  state, step = wd.restore_latest(mngr, _abstract(mesh, abstract))
   mngr.close()
   fn = train.make_sample_fn(model, config.sample)
   saved = np.load(os.path.join(workdir, "samples_00000010.npz"))["samples"]
@@ -391,6 +400,7 @@ def test_a_signal_is_acted_on_within_a_few_steps(tmp_path, monkeypatch):
                       "training.log_every": 1000, "training.sample_every": 0,
                       "sample.num_samples": 0})
   result = train.train_and_evaluate(config, str(tmp_path / "w"))
-  assert result.get("preempted") and result["signal"] == "SIGTERM", result
+  assert result.get("preempted"), result
   assert result["step"] <= 7, f"SIGTERM during step 4 was acted on at step {result['step']}"
+  assert result["signal"] == "SIGTERM"
   assert _steps(str(tmp_path / "w")) == [result["step"]]

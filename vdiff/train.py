@@ -1,11 +1,16 @@
 """Training, evaluation and sampling: `train_and_evaluate(config, workdir)` and its pure, jitted steps.
 
-The work directory (shared/DESIGN.md) receives:
-  config.json      the resolved config
+The work directory receives (its contract, with the lock, the config guard on resume and the verified
+checkpoints, is vdiff/workdir.py):
+  config.json      the config the run started with (a resume records changes in config_changes.jsonl)
   metrics.jsonl    one JSON object per logged step (step, loss, bpd, the loss terms, lr, throughput)
-  checkpoints/     orbax CheckpointManager steps (asynchronous saves, max_to_keep, resumable)
+  checkpoints/     orbax CheckpointManager steps (asynchronous saves, max_to_keep, checksums, resumable)
   eval.json        the last evaluation: step, split, bpd, bpd_stderr, estimator, num_examples, nfe, ...
   samples_<step>.png / samples_<step>.npz   sample grids and the integer samples
+
+SIGTERM and SIGINT stop the loop with a checkpoint at the step it reached; at most MAX_STEPS_IN_FLIGHT
+dispatched steps run ahead of the device, so that happens within a few step times, and the processes of
+a multi-process run agree on the signal so that all save the same step.
 
 State is a `TrainState` pytree (flax TrainState + EMA parameters + rng + non-finite bookkeeping). The train
 step is pure, jit-compiled once over a Mesh with NamedSharding (parameters replicated, batch split over
@@ -19,7 +24,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import json
 import logging
 import math
 import os
@@ -32,7 +36,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import struct
 from flax.training import train_state
 
