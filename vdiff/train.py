@@ -565,6 +565,11 @@ def _train_and_evaluate(config, workdir, changes) -> dict:
     while step < t.num_steps:
       local = _stack_batches(train_ds, config, step, n)
       batch = parallel.global_batch(local, bsh, batch_axis=0 if n == 1 else 1)
+      if step == start and jax.process_count() > 1:
+        # Compile first, then start the first step together: its all-reduce waits only 30 s for the
+        # other processes, and one may compile more slowly (parallel.barrier).
+        train_step = train_step.lower(state, batch).compile()
+        parallel.barrier("first_train_step")
       state, metrics = train_step(state, batch)
       prev, step = step, step + n
       in_flight.append((step, metrics["loss"]))  # metrics are not donated: safe to wait on later

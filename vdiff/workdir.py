@@ -126,8 +126,8 @@ def _any_process(flag: bool) -> bool:
 
 def _barrier(name: str) -> None:
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(name)
+    from vdiff import parallel  # pylint: disable=g-import-not-at-top
+    parallel.barrier(name)
 
 
 # --------------------------------------------------------------------------------------------------
