@@ -17,6 +17,7 @@ from its last checkpoint ends in the state of an uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import json
 import logging
@@ -537,10 +538,32 @@ def _sample_and_save(model, params, config, workdir, step, rng):
 # --------------------------------------------------------------------------------------------------
 # Entry points.
 # --------------------------------------------------------------------------------------------------
+SAMPLERS = ("vdm_ancestral", "ddpm", "ddim", "ode")  # the names models.Family.sample accepts
+
+
+def _config_floats(node, prefix: str = ""):
+  """(dotted key, value) of every float in a ConfigDict, in nested dicts, lists and tuples too."""
+  if hasattr(node, "items"):
+    pairs = [(f"{prefix}.{k}" if prefix else str(k), v) for k, v in node.items()]
+  else:
+    pairs = [(f"{prefix}[{i}]", v) for i, v in enumerate(node)]
+  for name, value in pairs:
+    if isinstance(value, float):
+      yield name, value
+    elif hasattr(value, "items") or isinstance(value, (list, tuple)):
+      yield from _config_floats(value, name)
+
+
 def validate_config(config) -> None:
-  """Refuse impossible settings before any compute, naming the key."""
+  """Refuse impossible settings before any compute, naming the key.
+
+  Every float of the config must be finite (a NaN learning rate or decay would otherwise train a run of
+  NaN steps). Settings checked against the data and the model (batch sizes against the number of
+  examples, the estimator and sampler against the family) are refused in `setup`, still before step 0.
+  """
   t, m = config.training, config.model
-  errors = []
+  errors = [f"{key} must be finite, got {value}" for key, value in _config_floats(config)
+            if not math.isfinite(value)]
   if t.batch_size < 1:
     errors.append(f"training.batch_size must be >= 1, got {t.batch_size}")
   if t.num_steps < 0:
@@ -554,15 +577,35 @@ def validate_config(config) -> None:
     errors.append(f"training.ema_decay must be in [0, 1), got {t.ema_decay}")
   if t.nan_policy not in NAN_POLICIES:
     errors.append(f"training.nan_policy must be one of {NAN_POLICIES}, got {t.nan_policy!r}")
-  if config.optim.learning_rate <= 0:
-    errors.append(f"optim.learning_rate must be > 0, got {config.optim.learning_rate}")
+  o = config.optim
+  if not o.learning_rate > 0:
+    errors.append(f"optim.learning_rate must be > 0, got {o.learning_rate}")
+  if not o.weight_decay >= 0:
+    errors.append(f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+  if not o.grad_clip >= 0:
+    errors.append(f"optim.grad_clip must be >= 0 (0 = no clipping), got {o.grad_clip}")
   if "schedule" in m and not m.schedule.gamma_min < m.schedule.gamma_max:
     errors.append(f"model.schedule.gamma_min ({m.schedule.gamma_min}) must be < "
                   f"model.schedule.gamma_max ({m.schedule.gamma_max})")
   if m.family not in models.FAMILIES:
     errors.append(f"model.family must be one of {sorted(models.FAMILIES)}, got {m.family!r}")
-  if config.eval.estimator not in ESTIMATORS:
-    errors.append(f"eval.estimator must be one of {ESTIMATORS}, got {config.eval.estimator!r}")
+  e, smp = config.eval, config.sample
+  if e.estimator not in ESTIMATORS:
+    errors.append(f"eval.estimator must be one of {ESTIMATORS}, got {e.estimator!r}")
+  if e.batch_size < 1:
+    errors.append(f"eval.batch_size must be >= 1, got {e.batch_size}")
+  if e.num_examples < 0:
+    errors.append(f"eval.num_examples must be >= 0 (0 = the whole split), got {e.num_examples}")
+  if e.num_time_samples < 1:
+    errors.append(f"eval.num_time_samples must be >= 1, got {e.num_time_samples}")
+  if smp.sampler not in SAMPLERS:
+    close = difflib.get_close_matches(str(smp.sampler), SAMPLERS, n=1)
+    errors.append(f"sample.sampler must be one of {SAMPLERS}, got {smp.sampler!r}"
+                  + (f" (did you mean {close[0]!r}?)" if close else ""))
+  if smp.num_steps < 1:
+    errors.append(f"sample.num_steps must be >= 1, got {smp.num_steps}")
+  if smp.num_samples < 0:
+    errors.append(f"sample.num_samples must be >= 0, got {smp.num_samples}")
   if errors:
     raise ValueError("invalid config: " + "; ".join(errors) + ".")
   n = jax.device_count()
@@ -572,6 +615,43 @@ def validate_config(config) -> None:
   if config.eval.batch_size % n:
     raise ValueError(f"eval.batch_size ({config.eval.batch_size}) must be divisible by the number "
                      f"of devices ({n}).")
+
+
+def validate_data(config, train_ds, eval_ds) -> None:
+  """Refuse a data set the run cannot use, naming the key: batch sizes larger than the data, and an
+  evaluation split whose examples differ from the training split's (its bits/dim would be computed with
+  the training split's D = H W C and K)."""
+  d, t, e = config.data, config.training, config.eval
+  if t.batch_size > len(train_ds):
+    raise ValueError(f"training.batch_size ({t.batch_size}) must be <= the number of training examples "
+                     f"({len(train_ds)} in data.name={d.name!r}, split 'train').")
+  for what, a, b in (("example shape [H, W, C]", train_ds.shape, eval_ds.shape),
+                     ("number of levels K", train_ds.num_levels, eval_ds.num_levels),
+                     ("number of classes", train_ds.num_labels, eval_ds.num_labels)):
+    if a != b:
+      raise ValueError(f"the evaluation split (eval.split={e.split!r}) of data.name={d.name!r} has "
+                       f"{what} {b}, the training split {a}: every split must agree.")
+  num_eval = len(eval_ds) if not e.num_examples else min(len(eval_ds), e.num_examples)
+  n = jax.device_count()
+  padded = -(-num_eval // n) * n  # one example per device at least
+  if e.batch_size > padded:
+    raise ValueError(f"eval.batch_size ({e.batch_size}) must be <= the number of evaluated examples "
+                     f"({num_eval} of eval.split={e.split!r}"
+                     + (f", rounded up to a multiple of the {n} devices" if n > 1 else "") + ").")
+
+
+def validate_model(config, model) -> None:
+  """Refuse settings the built model cannot run (before step 0, not after the whole training run): the
+  evaluation estimator and the sampler for this family, and the sample label of a conditional model."""
+  make_nll_fn(model, config.eval.estimator, config.eval)  # raises naming eval.estimator and the family
+  s = config.sample
+  supported = tuple(getattr(model, "supported_samplers", SAMPLERS))
+  if s.sampler not in supported:
+    raise ValueError(f"sample.sampler={s.sampler!r} does not apply to model family "
+                     f"{model.family_name!r}; use one of {supported}.")
+  if model.num_labels and not -1 <= s.label < model.num_labels:
+    raise ValueError(f"sample.label must be -1 (unconditional) or a class in [0, {model.num_labels}), "
+                     f"got {s.label}.")
 
 
 def init_state(model, tx, rng, mesh) -> TrainState:
@@ -587,7 +667,9 @@ def setup(config, workdir):
   os.makedirs(workdir, exist_ok=True)
   mesh = parallel.make_mesh()
   train_ds = load_data(config, "train")
+  validate_data(config, train_ds, load_data(config, config.eval.split))
   model = build_model(config, train_ds)
+  validate_model(config, model)
   tx = optimizer_from_config(config)
   rng = jax.random.PRNGKey(config.seed)
   init = functools.partial(init_state, model, tx, mesh=mesh)
