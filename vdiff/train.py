@@ -578,11 +578,12 @@ def validate_config(config) -> None:
   if t.nan_policy not in NAN_POLICIES:
     errors.append(f"training.nan_policy must be one of {NAN_POLICIES}, got {t.nan_policy!r}")
   o = config.optim
-  if not o.learning_rate > 0:
+  # (A NaN fails every comparison below; it is already reported above as not finite.)
+  if o.learning_rate <= 0:
     errors.append(f"optim.learning_rate must be > 0, got {o.learning_rate}")
-  if not o.weight_decay >= 0:
+  if o.weight_decay < 0:
     errors.append(f"optim.weight_decay must be >= 0, got {o.weight_decay}")
-  if not o.grad_clip >= 0:
+  if o.grad_clip < 0:
     errors.append(f"optim.grad_clip must be >= 0 (0 = no clipping), got {o.grad_clip}")
   if "schedule" in m and not m.schedule.gamma_min < m.schedule.gamma_max:
     errors.append(f"model.schedule.gamma_min ({m.schedule.gamma_min}) must be < "
