@@ -187,10 +187,12 @@ def make_train_step(model, *, ema_decay: float, nan_policy: str = "skip", inject
 
   The guard costs two scalar tests, not a reduction per parameter leaf: the gradient's global norm
   ||g||_2 (also the logged `grad_norm`) is non-finite iff some gradient element is non-finite, and the
-  update's squared norm sum(u^2) likewise for the update (new params = params + u, so a non-finite
-  learning rate, optimiser state or update is caught). Both sums overflow to inf only for a gradient
-  (update) element above ~1.8e19 or a squared norm above ~3.4e38 in float32: such a step is treated as
-  non-finite and skipped too, which is what a step that large deserves.
+  update's squared norm sum(u^2) likewise for the update (a non-finite learning rate or optimiser state
+  makes it non-finite). The parameters are finite from initialisation on, since only finite updates are
+  applied, so the new parameters params + u are finite unless the sum itself overflows float32
+  (|params + u| > 3.4e38). Both norms overflow to inf for a gradient (update) element above ~1.8e19 or a
+  squared norm above ~3.4e38 in float32: such a step is treated as non-finite and skipped too, which is
+  what a step that large deserves.
   """
   if nan_policy not in NAN_POLICIES:
     raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}.")
@@ -224,9 +226,10 @@ def make_train_step(model, *, ema_decay: float, nan_policy: str = "skip", inject
       params, opt_state, ema, _, _ = operand
       return params, opt_state, ema
 
-    # A conditional, not a per-leaf select on `ok`: `ok` reduces over every gradient leaf, and XLA's
-    # fusion would copy that reduction into each leaf's select kernel (O(leaves^2) code; at paper size,
-    # hundreds of leaves, XLA's CPU compilation of this step took over ten minutes and 20 GB).
+    # A conditional, not a per-leaf select on `ok`: `ok` depends on every leaf, and XLA's fusion would
+    # copy its computation into each leaf's select kernel (O(leaves^2) code with the former per-leaf
+    # reductions; at paper size, hundreds of leaves, XLA's CPU compilation of this step took over ten
+    # minutes and 20 GB).
     params, opt_state, ema = jax.lax.cond(
         ok, update, keep, (state.params, state.opt_state, state.ema_params, updates, new_opt_state))
     bad = ~finite
