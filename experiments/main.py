@@ -12,8 +12,10 @@ Multi-host runs: pass --coordinator_address/--num_processes/--process_id (or the
 variables, see vdiff.parallel.initialize_distributed) to every process.
 """
 
+import difflib
 import json
 import os
+import re
 import sys
 
 from absl import app
@@ -35,6 +37,59 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host runs).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-host runs).")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+EXIT_USAGE = 2  # exit status of a command line that cannot be parsed (an unknown flag or config key)
+
+
+def _config_keys(config, prefix: str = "") -> list[str]:
+  """Every dotted key of a ConfigDict, sections included."""
+  keys = []
+  for key, value in config.items():
+    name = f"{prefix}.{key}" if prefix else key
+    keys.append(name)
+    if hasattr(value, "items"):
+      keys += _config_keys(value, name)
+  return keys
+
+
+def _flag_error_message(error: Exception, argv) -> str:
+  """One line: the unknown config key and its nearest known key, or absl's message."""
+  # The unknown key fails inside the --config flag's own parsing, before the flag holds a value: load the
+  # config file again (its flag's parser) to list the known keys.
+  config = None
+  paths = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")]
+  if paths:
+    try:
+      config = FLAGS["config"].parser.parse(paths[-1])
+    except Exception:  # pylint: disable=broad-except
+      config = None
+  if config is not None:
+    keys = _config_keys(config)
+    for arg in argv[1:]:
+      if arg == "--":
+        break
+      match = re.match(r"--config\.([^=]+)", arg)
+      if match and match.group(1) not in keys:
+        key = match.group(1)
+        nearest = difflib.get_close_matches(key, keys, n=1, cutoff=0.0)
+        return (f"unknown config key {key!r} (from {arg}); the nearest known key is {nearest[0]!r}."
+                if nearest else f"unknown config key {key!r} (from {arg}).")
+  return " ".join(str(error).split())
+
+
+def parse_flags(argv):
+  """absl's flag parsing, except that a bad flag or config key gives one line and exit status 2.
+
+  ml_collections reports an unknown `--config.<key>` as a Python traceback from inside the parser;
+  here it is one line naming the key and the nearest known key, as for any other flag error.
+  """
+  try:
+    return FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    sys.stderr.write(f"FATAL Flags parsing error: {_flag_error_message(e, argv)}\n")
+    sys.stderr.write("Pass --helpshort or --helpfull to see help on flags.\n")
+    sys.exit(EXIT_USAGE)
 
 
 def main(argv):
@@ -79,4 +134,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

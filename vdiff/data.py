@@ -32,9 +32,18 @@ from vdiff import likelihood
 # The dataset container and its validation.
 
 
+# The most levels a dataset may have: 16-bit data. The model sees level k as the float32 bin centre
+# -1 + (2k + 1) / K; near +-1 float32 values are 2^-23 apart, so K <= 2^16 keeps 2^7 float32 steps within
+# each half-bin, while K near 2^23 would merge neighbouring bins (and int32 levels overflow past 2^31).
+MAX_NUM_LEVELS = 2**16
+
+
 def _check_num_levels(num_levels: Any) -> int:
   if isinstance(num_levels, bool) or not isinstance(num_levels, (int, np.integer)) or num_levels < 2:
     raise ValueError(f"num_levels must be an integer >= 2, got {num_levels!r}.")
+  if num_levels > MAX_NUM_LEVELS:
+    raise ValueError(f"num_levels must be <= {MAX_NUM_LEVELS} (16-bit data; float32 cannot tell more "
+                     f"levels in [-1, 1] apart), got {num_levels!r}.")
   return int(num_levels)
 
 
@@ -107,6 +116,14 @@ class Dataset:
     self.labels = self.labels.astype(np.int32, copy=False)
     if self.num_labels < 0:
       raise ValueError(f"num_labels must be >= 0, got {self.num_labels}.")
+    if self.num_labels and self.labels.size:
+      # A conditional model indexes its label embedding with these: a label outside {0..num_labels-1}
+      # (the value num_labels is the null label of guidance) is a wrong class or a NaN, never an error.
+      lo, hi = int(self.labels.min()), int(self.labels.max())
+      if lo < 0 or hi >= self.num_labels:
+        raise ValueError(
+            f"labels of {self.name!r} must lie in {{0..num_labels-1}} = {{0..{self.num_labels - 1}}}, "
+            f"got values in [{lo}, {hi}].")
 
   @property
   def shape(self) -> tuple[int, int, int]:
@@ -483,8 +500,8 @@ def make_npz(path: str, train: Any, test: Any, *, train_labels: Any = None, test
   """Writes the user data format read by `load("npz", path=..., split=...)`.
 
   Keys: `train`, `test` (integer images [N, H, W] or [N, H, W, C]), optional `train_labels`, `test_labels`
-  (integer [N]), `num_levels`, `num_labels` (scalars). Without `num_levels` the reader infers K (see
-  `_load_npz`), so pass it whenever the data has levels that happen not to occur.
+  (integer [N]), `num_levels`, `num_labels` (scalars). `num_levels` is required unless the images are
+  uint8 (then K = 256); the number of levels is never guessed from the values that happen to occur.
 
   Returns:
     path.
@@ -493,11 +510,19 @@ def make_npz(path: str, train: Any, test: Any, *, train_labels: Any = None, test
   for split, labels in (("train", train_labels), ("test", test_labels)):
     if labels is not None:
       arrays[f"{split}_labels"] = np.asarray(labels)
+  if num_levels is None and not all(arrays[k].dtype == np.uint8 for k in ("train", "test")):
+    raise ValueError(
+        f"num_levels is required for images of dtype {arrays['train'].dtype} / {arrays['test'].dtype}; "
+        "only uint8 images imply K = 256.")
+  shapes = {}
   for split in ("train", "test"):
     images = arrays[split]
-    # Without num_levels only dtype, rank and sign can be checked here; the reader infers K.
-    validate_images(images[..., None] if images.ndim == 3 else images,
-                    num_levels if num_levels is not None else np.iinfo(np.int64).max)
+    images = images[..., None] if images.ndim == 3 else images
+    validate_images(images, num_levels if num_levels is not None else 256)
+    shapes[split] = images.shape[1:]
+  if shapes["train"] != shapes["test"]:
+    raise ValueError(f"train and test images must have one example shape [H, W, C], got "
+                     f"{shapes['train']} and {shapes['test']}.")
   if num_levels is not None:
     arrays["num_levels"] = np.asarray(num_levels, np.int64)
   if num_labels is not None:
@@ -507,12 +532,24 @@ def make_npz(path: str, train: Any, test: Any, *, train_labels: Any = None, test
   return path
 
 
+def _npz_scalar(data: dict, key: str, path: str) -> int:
+  """The integer scalar stored under `key` of the .npz at `path`."""
+  value = data[key]
+  if value.shape != () or not np.issubdtype(value.dtype, np.integer):
+    raise ValueError(f"key {key!r} of {path} must be an integer scalar, got dtype {value.dtype} and "
+                     f"shape {value.shape}.")
+  return int(value)
+
+
 def _load_npz(name: str, *, split: str, seed: int, path: str | None = None) -> Dataset:
   """The user's own .npz (see `make_npz`).
 
-  K is the file's `num_levels` if present; else 256 when the images are uint8, else max + 1 over all
-  image arrays of the file (so the splits agree). num_labels is the file's `num_labels` if present; else
-  max + 1 over the label arrays, or 0 with no labels. Rank-3 images [N, H, W] get a channel axis.
+  K is the file's `num_levels`; without it, K = 256 when every image array is uint8 (8-bit data) and any
+  other dtype is refused (K = max + 1 would depend on which levels happen to occur in the file, and
+  log2 K enters every bits/dim). Every image array must have the same example shape [H, W, C] (bits/dim
+  divides by D = H W C, so a test split of another shape would be measured with the wrong D).
+  num_labels is the file's `num_labels` if present, else max + 1 over the label arrays, or 0 with no
+  labels; every label must lie in {0..num_labels-1}. Rank-3 images [N, H, W] get a channel axis.
   """
   del seed
   if path is None:
@@ -522,22 +559,44 @@ def _load_npz(name: str, *, split: str, seed: int, path: str | None = None) -> D
   image_keys = [k for k in data if k not in _NPZ_RESERVED and not k.endswith("_labels")]
   if split not in image_keys:
     raise ValueError(f"split {split!r} is not in {path}; it has image arrays {sorted(image_keys)}.")
+  example_shapes = {k: data[k].shape[1:] + ((1,) if data[k].ndim == 3 else ()) for k in image_keys}
+  for k in image_keys:
+    if example_shapes[k] != example_shapes[split]:
+      raise ValueError(
+          f"the image arrays of {path} differ in shape: {split!r} has examples of shape "
+          f"{example_shapes[split]} but {k!r} has {example_shapes[k]}; every split must have one "
+          "shape [H, W, C] (bits/dim divides by D = H * W * C).")
   images = data[split]
   if images.ndim == 3:
     images = images[..., None]
   if "num_levels" in data:
-    num_levels = int(data["num_levels"])
+    num_levels = _npz_scalar(data, "num_levels", path)
+    try:
+      _check_num_levels(num_levels)
+    except ValueError as e:
+      raise ValueError(f"key 'num_levels' of {path}: {e}") from None
   elif all(data[k].dtype == np.uint8 for k in image_keys):
     num_levels = 256
   else:
-    num_levels = max(max(int(np.max(data[k])) for k in image_keys) + 1, 2)
+    dtypes = sorted({str(data[k].dtype) for k in image_keys})
+    raise ValueError(
+        f"{path} has no 'num_levels' and its images are {'/'.join(dtypes)}, not uint8: set the number "
+        "of levels K explicitly (key 'num_levels', e.g. make_npz(..., num_levels=K)); only uint8 "
+        "images imply K = 256.")
   validate_images(images, num_levels)
   label_keys = [k for k in data if k.endswith("_labels")]
   labels = data.get(f"{split}_labels", np.zeros(len(images), np.int32))
   if "num_labels" in data:
-    num_labels = int(data["num_labels"])
+    num_labels = _npz_scalar(data, "num_labels", path)
   else:
-    num_labels = max((int(np.max(data[k])) + 1 for k in label_keys), default=0)
+    num_labels = max((int(np.max(data[k])) + 1 for k in label_keys if data[k].size), default=0)
+  if f"{split}_labels" in data and num_labels and labels.size and np.issubdtype(labels.dtype, np.integer):
+    lo, hi = int(np.min(labels)), int(np.max(labels))
+    if lo < 0 or hi >= num_labels:
+      raise ValueError(
+          f"key '{split}_labels' of {path} has labels in [{lo}, {hi}], outside {{0..num_labels-1}} = "
+          f"{{0..{num_labels - 1}}} (num_labels = {num_labels}, "
+          f"{'its key' if 'num_labels' in data else 'max + 1 of the label arrays'} 'num_labels').")
   return Dataset(images=images.astype(_level_dtype(num_levels), copy=False), labels=labels,
                  num_levels=num_levels, name=name, num_labels=num_labels)
 

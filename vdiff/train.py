@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import difflib
 import functools
 import logging
 import math
@@ -69,10 +70,55 @@ class TrainState(train_state.TrainState):
 # --------------------------------------------------------------------------------------------------
 # Optimiser and state.
 # --------------------------------------------------------------------------------------------------
+def weight_decay_mask(params) -> Any:
+  """Which parameters weight decay reaches: a tree of bools with the structure of `params`.
+
+  The rule: a leaf is decayed iff it is named `kernel`, has rank >= 2, and does not lie under the
+  top-level `schedule` key. So the weights of dense, convolution and attention layers (score network,
+  DiffEnc encoder, CDM classifier) are decayed, and never
+    * biases and normalisation scales (decay would pull offsets and gains, not weights, towards 0);
+    * embedding tables (`embedding`: each class's row sees only that class's examples, so decay would
+      shrink the rows of rare classes);
+    * any schedule parameter (`schedule/...`: gamma_0 / gamma_1, the monotone network, the scalar
+      slope and offset; decay towards 0 would move the noise schedule's endpoints without any gradient,
+      e.g. gamma_0 from -13.3 to -13.273 in 1,000 steps at weight decay 0.01 and learning rate 2e-4).
+  """
+
+  def rule(path, leaf) -> bool:
+    names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+    return bool(names) and names[0] != "schedule" and names[-1] == "kernel" and jnp.ndim(leaf) >= 2
+
+  return jax.tree_util.tree_map_with_path(rule, params)
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """Scales the update to global norm <= max_norm: u <- u min(1, max_norm / ||u||_2).
+
+  optax.clip_by_global_norm's rule (Pascanu et al. 2012, arXiv:1211.5063) and state (EmptyState), with
+  the norm taken as one reduction over the concatenated leaves (`_flat_sq_norm`): the same expression as
+  the train step's gradient norm, so the compiled step computes it once for the clip, the non-finite
+  guard and the `grad_norm` metric, instead of a reduction per leaf for each.
+  """
+
+  def update_fn(updates, state, params=None):
+    del params
+    g_norm = jnp.sqrt(_flat_sq_norm(updates))
+    # A non-finite norm gives a non-finite scale, and the guard of make_train_step skips the step.
+    scale = jnp.where(g_norm < max_norm, jnp.ones_like(g_norm), max_norm / g_norm)
+    return jax.tree.map(lambda t: t * scale.astype(t.dtype), updates), state
+
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
 def make_optimizer(*, learning_rate: float, warmup_steps: int, b1: float = 0.9, b2: float = 0.99,
                    eps: float = 1e-8, weight_decay: float = 0.01, grad_clip: float = 0.0,
                    lr_schedule: str = "constant", decay_steps: int = 0) -> optax.GradientTransformation:
-  """AdamW with linear warm-up as VDM trains it (b2 = 0.99, weight decay 0.01), optional clipping/decay."""
+  """AdamW with linear warm-up as VDM trains it (b2 = 0.99, weight decay 0.01), optional clipping/decay.
+
+  Decoupled weight decay (Loshchilov & Hutter, arXiv:1711.05101) reaches only the parameters chosen by
+  `weight_decay_mask`: dense / convolution kernels, never biases, norm scales, embeddings or schedule
+  parameters. grad_clip > 0 clips the gradient's global norm first (`clip_by_global_norm`).
+  """
   if lr_schedule == "constant":
     lr = optax.join_schedules([optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1)),
                                optax.constant_schedule(learning_rate)], [max(warmup_steps, 1)])
@@ -81,9 +127,9 @@ def make_optimizer(*, learning_rate: float, warmup_steps: int, b1: float = 0.9, 
                                             max(decay_steps, warmup_steps + 1))
   else:
     raise ValueError(f"optim.lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}.")
-  tx = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+  tx = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=weight_decay_mask)
   if grad_clip > 0:
-    tx = optax.chain(optax.clip_by_global_norm(grad_clip), tx)
+    tx = optax.chain(clip_by_global_norm(grad_clip), tx)
   return tx
 
 
@@ -110,17 +156,48 @@ def create_train_state(model, tx, rng) -> TrainState:
 # The train step.
 # --------------------------------------------------------------------------------------------------
 def _all_finite(tree) -> Array:
-  leaves = jax.tree.leaves(tree)
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.array(True)
+  """True iff every element of every leaf is finite: one reduction over the flattened leaves.
+
+  The leaves are concatenated into one vector and reduced once (one kernel whatever the number of
+  leaves), instead of one reduction per leaf; the concatenation is a temporary copy of the tree. Used on
+  the host (checkpoints); the train step's guard reads its global norms instead (`make_train_step`).
+  """
+  leaves = [jnp.ravel(x) for x in jax.tree.leaves(tree)]
+  if not leaves:
+    return jnp.array(True)
+  return jnp.all(jnp.isfinite(jnp.concatenate([x.astype(jnp.float32) for x in leaves])))
+
+
+def _flat_sq_norm(tree) -> Array:
+  """sum of x^2 over every element of every leaf, as ONE float32 reduction over the concatenated leaves.
+
+  One reduction kernel whatever the number of leaves (a per-leaf reduction adds a kernel per parameter
+  leaf to the step); the price is a temporary float32 copy of the tree. Non-finite iff some element is
+  non-finite or the sum overflows float32 (some |x| above ~1.8e19, or the sum of squares above ~3.4e38).
+  """
+  leaves = [jnp.ravel(x).astype(jnp.float32) for x in jax.tree.leaves(tree)]
+  if not leaves:
+    return jnp.zeros((), jnp.float32)
+  v = jnp.concatenate(leaves)
+  return jnp.sum(v * v)
 
 
 def make_train_step(model, *, ema_decay: float, nan_policy: str = "skip", inject_nan_at_step: int = -1):
   """One optimisation step (state, batch) -> (state, metrics), pure and jit-able.
 
-  The step's randomness is fold_in(state.rng, state.step). A non-finite loss or gradient never reaches
-  the parameters: the update is dropped and counted ('skip'), or the state is frozen and the host stops
-  at its next synchronisation ('stop'). `inject_nan_at_step` >= 0 replaces that step's loss by NaN (a
-  test switch for the policies).
+  The step's randomness is fold_in(state.rng, state.step). A non-finite loss, gradient or updated
+  parameter never reaches the state: the update is dropped and counted ('skip'), or the state is frozen
+  and the host stops at its next synchronisation ('stop'). `inject_nan_at_step` >= 0 replaces that step's
+  loss by NaN (a test switch for the policies).
+
+  The guard costs two scalar tests, not a reduction per parameter leaf: the gradient's global norm
+  ||g||_2 (also the logged `grad_norm`) is non-finite iff some gradient element is non-finite, and the
+  update's squared norm sum(u^2) likewise for the update (a non-finite learning rate or optimiser state
+  makes it non-finite). The parameters are finite from initialisation on, since only finite updates are
+  applied, so the new parameters params + u are finite unless the sum itself overflows float32
+  (|params + u| > 3.4e38). Both norms overflow to inf for a gradient (update) element above ~1.8e19 or a
+  squared norm above ~3.4e38 in float32: such a step is treated as non-finite and skipped too, which is
+  what a step that large deserves.
   """
   if nan_policy not in NAN_POLICIES:
     raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}.")
@@ -137,25 +214,29 @@ def make_train_step(model, *, ema_decay: float, nan_policy: str = "skip", inject
       return loss, terms
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    finite = jnp.isfinite(loss) & _all_finite(grads)
+    grad_norm = jnp.sqrt(_flat_sq_norm(grads))
+    # The optimiser's update is formed before the decision so that its finiteness is part of it; the
+    # parameters, EMA and optimiser state change only inside the conditional below.
+    updates, new_opt_state = state.tx.update(grads, state.opt_state, state.params)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(_flat_sq_norm(updates))
     ok = finite & ~state.halted
 
     def update(operand):
-      st, g = operand
-      updated = st.apply_gradients(grads=g)
-      ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, st.ema_params,
-                         updated.params)
-      return updated.params, updated.opt_state, ema
+      params, _, ema, u, opt = operand
+      params = optax.apply_updates(params, u)
+      ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
+      return params, opt, ema
 
     def keep(operand):
-      st, _ = operand
-      return st.params, st.opt_state, st.ema_params
+      params, opt_state, ema, _, _ = operand
+      return params, opt_state, ema
 
-    # A conditional, not a per-leaf select on `ok`: `ok` reduces over every gradient leaf, and XLA's
-    # fusion would copy that reduction into each leaf's select kernel (O(leaves^2) code; at paper size,
-    # hundreds of leaves, XLA's CPU compilation of this step took over ten minutes and 20 GB). A
-    # skipped step also skips the optimiser's arithmetic.
-    params, opt_state, ema = jax.lax.cond(ok, update, keep, (state, grads))
+    # A conditional, not a per-leaf select on `ok`: `ok` depends on every leaf, and XLA's fusion would
+    # copy its computation into each leaf's select kernel (O(leaves^2) code with the former per-leaf
+    # reductions; at paper size, hundreds of leaves, XLA's CPU compilation of this step took over ten
+    # minutes and 20 GB).
+    params, opt_state, ema = jax.lax.cond(
+        ok, update, keep, (state.params, state.opt_state, state.ema_params, updates, new_opt_state))
     bad = ~finite
     new_state = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
@@ -167,7 +248,7 @@ def make_train_step(model, *, ema_decay: float, nan_policy: str = "skip", inject
     metrics["loss"] = loss
     if "bpd" not in metrics:
       metrics["bpd"] = loss / (num_dims * math.log(2.0))
-    metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["grad_norm"] = grad_norm
     metrics["finite"] = finite.astype(jnp.float32)
     return new_state, metrics
 
@@ -441,10 +522,32 @@ def _sample_and_save(model, params, config, workdir, step, rng, *, sample_fn=Non
 # --------------------------------------------------------------------------------------------------
 # Entry points.
 # --------------------------------------------------------------------------------------------------
+SAMPLERS = ("vdm_ancestral", "ddpm", "ddim", "ode")  # the names models.Family.sample accepts
+
+
+def _config_floats(node, prefix: str = ""):
+  """(dotted key, value) of every float in a ConfigDict, in nested dicts, lists and tuples too."""
+  if hasattr(node, "items"):
+    pairs = [(f"{prefix}.{k}" if prefix else str(k), v) for k, v in node.items()]
+  else:
+    pairs = [(f"{prefix}[{i}]", v) for i, v in enumerate(node)]
+  for name, value in pairs:
+    if isinstance(value, float):
+      yield name, value
+    elif hasattr(value, "items") or isinstance(value, (list, tuple)):
+      yield from _config_floats(value, name)
+
+
 def validate_config(config) -> None:
-  """Refuse impossible settings before any compute, naming the key."""
+  """Refuse impossible settings before any compute, naming the key.
+
+  Every float of the config must be finite (a NaN learning rate or decay would otherwise train a run of
+  NaN steps). Settings checked against the data and the model (batch sizes against the number of
+  examples, the estimator and sampler against the family) are refused in `setup`, still before step 0.
+  """
   t, m = config.training, config.model
-  errors = []
+  errors = [f"{key} must be finite, got {value}" for key, value in _config_floats(config)
+            if not math.isfinite(value)]
   if t.batch_size < 1:
     errors.append(f"training.batch_size must be >= 1, got {t.batch_size}")
   if t.num_steps < 0:
@@ -458,15 +561,36 @@ def validate_config(config) -> None:
     errors.append(f"training.ema_decay must be in [0, 1), got {t.ema_decay}")
   if t.nan_policy not in NAN_POLICIES:
     errors.append(f"training.nan_policy must be one of {NAN_POLICIES}, got {t.nan_policy!r}")
-  if config.optim.learning_rate <= 0:
-    errors.append(f"optim.learning_rate must be > 0, got {config.optim.learning_rate}")
+  o = config.optim
+  # (A NaN fails every comparison below; it is already reported above as not finite.)
+  if o.learning_rate <= 0:
+    errors.append(f"optim.learning_rate must be > 0, got {o.learning_rate}")
+  if o.weight_decay < 0:
+    errors.append(f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+  if o.grad_clip < 0:
+    errors.append(f"optim.grad_clip must be >= 0 (0 = no clipping), got {o.grad_clip}")
   if "schedule" in m and not m.schedule.gamma_min < m.schedule.gamma_max:
     errors.append(f"model.schedule.gamma_min ({m.schedule.gamma_min}) must be < "
                   f"model.schedule.gamma_max ({m.schedule.gamma_max})")
   if m.family not in models.FAMILIES:
     errors.append(f"model.family must be one of {sorted(models.FAMILIES)}, got {m.family!r}")
-  if config.eval.estimator not in ESTIMATORS:
-    errors.append(f"eval.estimator must be one of {ESTIMATORS}, got {config.eval.estimator!r}")
+  e, smp = config.eval, config.sample
+  if e.estimator not in ESTIMATORS:
+    errors.append(f"eval.estimator must be one of {ESTIMATORS}, got {e.estimator!r}")
+  if e.batch_size < 1:
+    errors.append(f"eval.batch_size must be >= 1, got {e.batch_size}")
+  if e.num_examples < 0:
+    errors.append(f"eval.num_examples must be >= 0 (0 = the whole split), got {e.num_examples}")
+  if e.num_time_samples < 1:
+    errors.append(f"eval.num_time_samples must be >= 1, got {e.num_time_samples}")
+  if smp.sampler not in SAMPLERS:
+    close = difflib.get_close_matches(str(smp.sampler), SAMPLERS, n=1)
+    errors.append(f"sample.sampler must be one of {SAMPLERS}, got {smp.sampler!r}"
+                  + (f" (did you mean {close[0]!r}?)" if close else ""))
+  if smp.num_steps < 1:
+    errors.append(f"sample.num_steps must be >= 1, got {smp.num_steps}")
+  if smp.num_samples < 0:
+    errors.append(f"sample.num_samples must be >= 0, got {smp.num_samples}")
   if errors:
     raise ValueError("invalid config: " + "; ".join(errors) + ".")
   n = jax.device_count()
@@ -476,6 +600,43 @@ def validate_config(config) -> None:
   if config.eval.batch_size % n:
     raise ValueError(f"eval.batch_size ({config.eval.batch_size}) must be divisible by the number "
                      f"of devices ({n}).")
+
+
+def validate_data(config, train_ds, eval_ds) -> None:
+  """Refuse a data set the run cannot use, naming the key: batch sizes larger than the data, and an
+  evaluation split whose examples differ from the training split's (its bits/dim would be computed with
+  the training split's D = H W C and K)."""
+  d, t, e = config.data, config.training, config.eval
+  if t.batch_size > len(train_ds):
+    raise ValueError(f"training.batch_size ({t.batch_size}) must be <= the number of training examples "
+                     f"({len(train_ds)} in data.name={d.name!r}, split 'train').")
+  for what, a, b in (("example shape [H, W, C]", train_ds.shape, eval_ds.shape),
+                     ("number of levels K", train_ds.num_levels, eval_ds.num_levels),
+                     ("number of classes", train_ds.num_labels, eval_ds.num_labels)):
+    if a != b:
+      raise ValueError(f"the evaluation split (eval.split={e.split!r}) of data.name={d.name!r} has "
+                       f"{what} {b}, the training split {a}: every split must agree.")
+  num_eval = len(eval_ds) if not e.num_examples else min(len(eval_ds), e.num_examples)
+  n = jax.device_count()
+  padded = -(-num_eval // n) * n  # one example per device at least
+  if e.batch_size > padded:
+    raise ValueError(f"eval.batch_size ({e.batch_size}) must be <= the number of evaluated examples "
+                     f"({num_eval} of eval.split={e.split!r}"
+                     + (f", rounded up to a multiple of the {n} devices" if n > 1 else "") + ").")
+
+
+def validate_model(config, model) -> None:
+  """Refuse settings the built model cannot run (before step 0, not after the whole training run): the
+  evaluation estimator and the sampler for this family, and the sample label of a conditional model."""
+  make_nll_fn(model, config.eval.estimator, config.eval)  # raises naming eval.estimator and the family
+  s = config.sample
+  supported = tuple(getattr(model, "supported_samplers", SAMPLERS))
+  if s.sampler not in supported:
+    raise ValueError(f"sample.sampler={s.sampler!r} does not apply to model family "
+                     f"{model.family_name!r}; use one of {supported}.")
+  if model.num_labels and not -1 <= s.label < model.num_labels:
+    raise ValueError(f"sample.label must be -1 (unconditional) or a class in [0, {model.num_labels}), "
+                     f"got {s.label}.")
 
 
 def init_state(model, tx, rng, mesh) -> TrainState:
@@ -491,7 +652,9 @@ def setup(config, workdir):
   os.makedirs(workdir, exist_ok=True)
   mesh = parallel.make_mesh()
   train_ds = load_data(config, "train")
+  validate_data(config, train_ds, load_data(config, config.eval.split))
   model = build_model(config, train_ds)
+  validate_model(config, model)
   tx = optimizer_from_config(config)
   rng = jax.random.PRNGKey(config.seed)
   init = functools.partial(init_state, model, tx, mesh=mesh)
