@@ -31,7 +31,9 @@ def _params():
   shape = dict(sched["shape"])
   shape["l2"] = dict(shape["l2"], kernel=300.0 * shape["l2"]["kernel"])
   shape["l3"] = dict(shape["l3"], kernel=1000.0 * shape["l3"]["kernel"])
-  sched = dict(sched, gamma_0=jnp.float32(-11.0), gamma_1=jnp.float32(4.0), shape=shape)
+  # Endpoints gamma_0 = -11, gamma_1 = gamma_0 + softplus(gap) = 4 (softplus(15 + log(-expm1(-15))) = 15).
+  sched = dict(sched, gamma_0=jnp.float32(-11.0), gap=jnp.float32(15.0 + np.log(-np.expm1(-15.0))),
+               shape=shape)
   theta = {"w": jnp.array([0.9, 1.1, 0.7]), "c": jnp.array([0.3, -0.2, 0.5]),
            "label": jnp.array([0.0, 0.1, -0.1])}
   phi = {"a": jnp.array(0.4), "b": jnp.array(-0.3)}

@@ -290,10 +290,15 @@ class PinnedMonotoneGamma(nn.Module):
   """Monotone network with its endpoints pinned and learned separately:
 
       gamma(t) = gamma_0 + (gamma_1 - gamma_0) (g~(t) - g~(0)) / (g~(1) - g~(0)),
+      gamma_1  = gamma_0 + softplus(gap),
 
   where g~ is `MonotoneNetGamma` (the "shape"; its scale and offset cancel). Parameters:
-  {'gamma_0', 'gamma_1', 'shape': {...}}. The endpoints enter the ELBO; the shape leaves the continuous
-  diffusion loss's expectation unchanged (VDM sec. 5) and only changes the estimator's variance.
+  {'gamma_0', 'gap', 'shape': {...}}. gamma is increasing for every parameter value: the shape is
+  monotone by |kernel| and gamma_1 - gamma_0 = softplus(gap) > 0 (as |w| keeps `LearnedScalarGamma`
+  increasing; softplus rather than |.| so that the gap never reaches 0 and its gradient has no kink).
+  At initialisation gap = softplus^-1(gamma_max - gamma_min), so gamma_1 = gamma_max to float32
+  round-off. The endpoints enter the ELBO; the shape leaves the continuous diffusion loss's expectation
+  unchanged (VDM sec. 5) and only changes the estimator's variance.
   """
 
   gamma_min: float = GAMMA_MIN
@@ -304,11 +309,19 @@ class PinnedMonotoneGamma(nn.Module):
   def __call__(self, t):
     t = jnp.asarray(t, jnp.float32)
     g0 = self.param("gamma_0", nn.initializers.constant(self.gamma_min), ())
-    g1 = self.param("gamma_1", nn.initializers.constant(self.gamma_max), ())
+    gap = self.param("gap", nn.initializers.constant(_softplus_inverse(self.gamma_max - self.gamma_min)),
+                     ())
     shape = MonotoneNetGamma(self.gamma_min, self.gamma_max, self.n_features, name="shape")
     ends = shape(jnp.array([0.0, 1.0]))
     frac = (shape(t) - ends[0]) / (ends[1] - ends[0])
-    return g0 + (g1 - g0) * frac
+    return g0 + jax.nn.softplus(gap) * frac
+
+
+def _softplus_inverse(y: float) -> float:
+  """x with softplus(x) = log(1 + e^x) = y > 0, in float64: x = y + log(-expm1(-y))."""
+  if not y > 0:
+    raise ValueError(f"gamma_max - gamma_min must be > 0, got {y}.")
+  return y + math.log(-math.expm1(-y))
 
 
 # One visible map from config names to fixed schedule factories and learned modules.
