@@ -531,7 +531,7 @@ def test_schedule_grid():
     cdm.class_grid("ddpm", 1)
 
 
-def test_family_grids_and_one_classifier_call_per_loss():
+def test_family_grids():
   from vdiff import models  # pylint: disable=g-import-not-at-top
   kw = dict(data_shape=(4, 4, 1), num_levels=17, num_steps=12,
             classifier_kwargs=dict(ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(),
@@ -545,6 +545,12 @@ def test_family_grids_and_one_classifier_call_per_loss():
   with pytest.raises(ValueError, match="model.schedule.kind"):
     models.CDMFamily(grid="schedule", schedule=models.ScheduleSpec("learned_scalar"), **kw)
 
+
+def test_family_loss_applies_the_classifier_once():
+  from vdiff import models  # pylint: disable=g-import-not-at-top
+  kw = dict(data_shape=(4, 4, 1), num_levels=17, num_steps=12,
+            classifier_kwargs=dict(ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(),
+                                   dropout=0.0, num_groups=4))
   # The loss applies the classifier once (its input gradient and the loss's parameter gradient come
   # from that one application); a logged one-step bits/dim would be a second, train-mode application.
   fam = models.CDMFamily(**kw)
@@ -569,3 +575,101 @@ def test_family_grids_and_one_classifier_call_per_loss():
   y = likelihood.dequantize(r_deq, batch["image"], 17)
   ref, _ = cdm.loss(r_loss, y, fam.logits_fn(params, train=False), fam.abar, w_ce=fam.w_ce)
   np.testing.assert_allclose(per_example, ref, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Argument checks: named errors eagerly, NaN (never a wrapped or truncated class) under jit.
+# ----------------------------------------------------------------------------------------------------
+from hypothesis import given, settings  # pylint: disable=g-import-not-at-top,wrong-import-position
+from hypothesis import strategies as st  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_LOGITS = jnp.asarray(np.random.RandomState(0).randn(4, T + 2), jnp.float32)
+_X = jnp.asarray(np.random.RandomState(1).randn(4, 3), jnp.float32)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(-3 * T, 3 * T))
+def test_class_index_in_range_or_named_error(t):
+  # Reference: F(x, t) = logit[T + 1] - logit[t] (CDM Thm 3.1) for t in {0..T+1}; anything else is
+  # refused (before: t = -1 was the last class, t = T + 50 gave NaN).
+  if 0 <= t <= T + 1:
+    np.testing.assert_array_equal(cdm.log_ratio(_LOGITS, t), _LOGITS[:, -1] - _LOGITS[:, t])
+  else:
+    with pytest.raises(ValueError, match=r"t must hold class indices in \{0..31\}"):
+      cdm.log_ratio(_LOGITS, t)
+    with pytest.raises(ValueError, match=r"t must hold class indices in \{0..31\}"):
+      cdm.log_density(_LOGITS, _X, jnp.full((4,), t, jnp.int32))
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.floats(allow_nan=True, allow_infinity=True, width=32))
+def test_float_class_index_is_refused(t):
+  # Before: t = 0.7 was truncated to class 0.
+  with pytest.raises(TypeError, match="t must hold integer class indices"):
+    cdm.log_density(_LOGITS, _X, t)
+  with pytest.raises(TypeError, match="t must hold integer class indices"):
+    cdm.log_ratio(_LOGITS, jnp.full((4,), t, jnp.float32))
+
+
+def test_out_of_range_class_under_jit_is_nan():
+  # Under jit the values of t are unknown when the function is traced: a class outside {0..T+1} gives
+  # NaN for its example (plain indexing would wrap -1 to T + 1 and clip or fill the others).
+  t = jnp.array([0, -1, T + 50, T + 1], jnp.int32)
+  got = np.asarray(jax.jit(cdm.log_density)(_LOGITS, _X, t))
+  ends = np.array([0, 3])
+  assert np.isfinite(got[0]) and np.isfinite(got[3])
+  assert np.isnan(got[1]) and np.isnan(got[2])
+  np.testing.assert_allclose(got[ends], cdm.log_density(_LOGITS[ends], _X[ends], jnp.array([0, T + 1])),
+                             rtol=1e-6)
+  abar = cdm.abar_grid(SCHEDULE, T)
+  loss, terms = jax.jit(lambda tt: cdm.loss(jax.random.PRNGKey(0), _X, gaussian_logits_fn(abar, 0.5),
+                                            abar, t=tt))(t)
+  assert np.isfinite(loss[0]) and np.isfinite(loss[3]) and np.all(np.isnan(loss[1:3]))
+  with pytest.raises(ValueError, match="t must hold class indices"):
+    cdm.loss(jax.random.PRNGKey(0), _X, gaussian_logits_fn(abar, 0.5), abar, t=t)
+  del terms
+
+
+def test_denoiser_times():
+  abar = cdm.abar_grid(SCHEDULE, T)
+  eps_fn = cdm.make_denoiser(gaussian_logits_fn(abar, 0.5), abar)
+  for bad in (float("nan"), -0.1, 1.5, jnp.array([0.5, 0.5, jnp.nan, 0.5])):
+    with pytest.raises(ValueError, match=r"t must hold times in \[0, 1\]"):
+      eps_fn(_X, bad)
+  with pytest.raises(TypeError, match="t must hold floating times"):
+    eps_fn(_X, 1)  # a class index is not a time
+  with pytest.raises(ValueError, match="z holds NaN"):
+    eps_fn(_X.at[0, 0].set(jnp.nan), 0.5)
+  # Under jit: NaN for the examples whose time is NaN or outside [0, 1]; the others as eagerly.
+  t = jnp.array([0.5, jnp.nan, 1.5, -0.1])
+  got = np.asarray(jax.jit(eps_fn)(_X, t))
+  assert np.all(np.isnan(got[1:]))
+  np.testing.assert_allclose(got[0], eps_fn(_X[:1], 0.5)[0], rtol=1e-6)
+
+
+def test_empty_batches_and_examples_are_refused():
+  # Before: ZeroDivisionError (integer modulo by zero) from inside JAX. Shapes are known at trace
+  # time, so jit refuses them too.
+  abar = cdm.abar_grid(SCHEDULE, T)
+  empty = jnp.zeros((0, 3))
+  fn = gaussian_logits_fn(abar, 0.5)
+  with pytest.raises(ValueError, match="x must hold at least one example"):
+    cdm.log_density(jnp.zeros((0, T + 2)), empty)
+  with pytest.raises(ValueError, match="x must hold at least one example"):
+    jax.jit(cdm.log_density)(jnp.zeros((0, T + 2)), empty)
+  with pytest.raises(ValueError, match="x must hold at least one example"):
+    cdm.loss(jax.random.PRNGKey(0), empty, fn, abar)
+  with pytest.raises(ValueError, match="x must hold at least one example"):
+    cdm.one_step_log_density(fn, empty)
+  with pytest.raises(ValueError, match="k must hold at least one example"):
+    cdm.one_step_nll_bpd(fn, jnp.zeros((0, 3), jnp.int32), num_levels=4, rng=jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match="x must hold at least one dimension"):
+    cdm.std_normal_log_density(jnp.zeros((4, 0)))
+  with pytest.raises(ValueError, match="logits must have shape"):
+    cdm.log_ratio(jnp.zeros((0, T + 2)), 0)
+  with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+    cdm.sample_classes(jax.random.PRNGKey(0), 0, T + 2)
+  with pytest.raises(ValueError, match="k must hold levels"):
+    cdm.one_step_nll_bpd(fn, jnp.full((2, 3), 4, jnp.int32), num_levels=4, rng=jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match="x holds NaN"):
+    cdm.one_step_log_density(fn, _X.at[1, 2].set(jnp.nan))

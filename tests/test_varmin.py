@@ -236,8 +236,7 @@ def test_family_varmin_with_dropout_equals_the_plain_loss():
   got, got_terms = loss(vm)(params, rng)
   np.testing.assert_allclose(got_terms["diff"], ref_terms["diff"], rtol=1e-5)
   np.testing.assert_allclose(got, ref, rtol=1e-5)
-  # Not vacuous: dropout changes the loss (another dropout key gives other values).
-  other, _ = loss(plain)(params, jax.random.PRNGKey(6))
+  # Not vacuous: dropout changes the loss.
   no_dropout, _ = jax.jit(lambda p: plain.loss(p, rng, batch, train=False))(params)
   assert np.max(np.abs(np.asarray(ref) - np.asarray(no_dropout))) > 1e-2 * np.max(np.abs(ref))
 
@@ -255,4 +254,3 @@ def test_family_varmin_with_dropout_equals_the_plain_loss():
   _assert_trees_close({k: v for k, v in g["schedule"].items() if k != "shape"},
                       {k: v for k, v in g_elbo["schedule"].items() if k != "shape"})
   _assert_trees_close(g["score"], g_elbo["score"])
-  del other

@@ -3,8 +3,9 @@
 Yadin, Elata, Michaeli, "Classification Diffusion Models: Revitalizing Density Ratio Estimation",
 NeurIPS 2024, arXiv:2402.10095 (CDM). Notation of docs/math.md sec. 4.
 
-Classes t in {0, 1, ..., T, T + 1} with abar_0 = 1 (clean data), abar_i = alpha^2(i / T) of a schedule for
-i = 1..T, abar_{T+1} = 0 (pure N(0, I)); x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps, and a prior p_t over
+Classes t in {0, 1, ..., T, T + 1} with abar_0 = 1 (clean data), abar_1 > ... > abar_T from a class grid
+(`class_grid`: DDPM's betas, the paper's uniform grid, or alpha^2(i / T) of any schedule),
+abar_{T+1} = 0 (pure N(0, I)); x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps, and a prior p_t over
 the classes (uniform by default). A network f(x) -> logits [B, T + 2], with NO time input, is trained
 to classify t from x_t. With
 
@@ -19,6 +20,8 @@ E[eps | x_t = x] = -sqrt(1 - abar_t) grad log p_{x_t}(x) (Tweedie). The logits n
 every formula uses differences of logits, in which log-softmax's log-sum-exp cancels.
 
 Every function is pure and jit-able and returns per-example values [B] in nats; the caller reduces.
+A `logits_fn` is any callable z [B, ...] -> logits [B, T + 2] whose examples are independent (no
+batch statistics), e.g. `functools.partial(model.apply, {'params': params})`.
 
 Arguments are checked with errors that name them (`vdiff.checks`): class indices t must be integers in
 {0..T+1} (a float class such as 0.7 is refused, never truncated), denoiser times must be floats in
@@ -26,8 +29,6 @@ Arguments are checked with errors that name them (`vdiff.checks`): class indices
 Shapes and dtypes are checked at trace time, so also under jit. Values can only be checked when a
 function is called eagerly; under jit an out-of-range class index or a NaN / out-of-range denoiser time
 gives NaN in the examples concerned (never a silently wrapped or clipped class), and NaN data propagate.
-A `logits_fn` is any callable z [B, ...] -> logits [B, T + 2] whose examples are independent (no
-batch statistics), e.g. `functools.partial(model.apply, {'params': params})`.
 
 Numerics: the grid is given as abar and sigma_t = sqrt(1 - abar_t) is formed from it in float32. For
 abar_1 close to 1 (VDM's gamma_min = -13.3 gives 1 - abar_1 = 1.7e-6) this keeps only a couple of
@@ -87,8 +88,8 @@ def class_grid(kind: str, num_steps: int, *, beta_start: float = 1e-4, beta_end:
                ) -> tuple[Array, schedules_lib.Schedule]:
   """The class grid abar [T + 2] of a named kind, and the schedule through it for the samplers.
 
-  Every kind has abar_0 = 1 (clean) and abar_{T+1} = 0 (pure noise) and covers a fixed gamma range
-  whatever T is, so that a small T (the `tiny` configs) still ends near noise:
+  Every kind has abar_0 = 1 (clean) and abar_{T+1} = 0 (pure noise). The ddpm and schedule kinds cover
+  a fixed gamma range whatever T is, so that a small T (the `tiny` configs) still ends near noise:
 
     ddpm:      DDPM's linear-beta schedule with num_betas betas beta_start..beta_end (Ho et al. 2020),
                resampled at t = i / T (`schedules.ddpm_linear_beta_alpha2`): for T = num_betas exactly
