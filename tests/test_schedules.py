@@ -31,6 +31,8 @@ ALL = {
     "learned_net": _learned("learned_net"),
     "learned_pinned": _learned("learned_pinned"),
     "custom": S.from_function(lambda t: -10.0 + 15.0 * t ** 2 + t),
+    # The schedule through a discrete grid (here the CDM paper's uniform grid, T = 1000).
+    "grid": S.from_alpha2_grid(S.uniform_sigma_alpha2(1000)[1:-1]),
 }
 
 
@@ -179,3 +181,22 @@ def test_pinned_schedule_is_increasing_for_any_parameters():
     p = dict(p, gamma_0=jnp.float32(rng.uniform(-25, 25)), gap=jnp.float32(rng.uniform(-5, 25)))
     gamma = np.asarray(S.from_module(module, p).gamma(t))
     assert np.all(np.diff(gamma) > 0), (p["gamma_0"], p["gap"], gamma)
+
+
+def test_grid_schedule_hits_its_knots_however_t_is_formed():
+  # Reference: the grid itself (float64, rounded once). t = i / T formed as float32(i) / T, as
+  # float32(i) * (1 / T) (what XLA makes of a division by a constant) and from float64 all land on
+  # gamma_i to float32 round-off of gamma, although they differ by an ulp where the grid is steep.
+  T = 1000
+  abar = S.uniform_sigma_alpha2(T)[1:-1]
+  sched = S.from_alpha2_grid(abar)
+  gamma = np.log1p(-abar) - np.log(abar)
+  i = np.arange(1, T + 1)
+  for t in (jnp.arange(1, T + 1, dtype=jnp.float32) / T,
+            jnp.arange(1, T + 1, dtype=jnp.float32) * jnp.float32(1.0 / T),
+            jnp.asarray(i / T, jnp.float32)):
+    np.testing.assert_allclose(np.asarray(sched.gamma(t), np.float64), gamma, rtol=3e-7, atol=3e-7)
+  with pytest.raises(ValueError, match="strictly decreasing"):
+    S.from_alpha2_grid(abar[::-1])
+  with pytest.raises(ValueError, match="shape"):
+    S.from_alpha2_grid(abar[:1])
