@@ -282,7 +282,9 @@ class CDMFamily(Family):
 
   grid (`cdm.class_grid`): "ddpm" (DDPM's linear betas beta_start..beta_end over beta_steps steps,
   resampled at T levels, so any T ends where that schedule ends), "uniform" (the paper's
-  sqrt(1 - abar_t) = t / (T + 1)) or "schedule" (the fixed `schedule` sampled at t = i / T).
+  sqrt(1 - abar_t) = t / (T + 1), its likelihood grid: abar_T ~ 2 / T is not noise, so a sampler that
+  starts from N(0, I) at class T starts from an approximation) or "schedule" (the fixed `schedule`
+  sampled at t = i / T).
 
   The training loss is not a likelihood and `loss` returns no bits/dim term: the trainer's logged
   "bpd" of a CDM run is then its fallback, loss / (D ln 2), a scaled training loss. The model's bits/dim
