@@ -50,7 +50,6 @@ def positive_int(value, name: str, *, minimum: int = 1) -> int:
   return int(value)
 
 
-
 def _dtype_of(value):
   """The dtype of an array or Python scalar (bool, int, float), as jnp would make it."""
   return jnp.asarray(value).dtype
