@@ -31,6 +31,8 @@ ALL = {
     "learned_net": _learned("learned_net"),
     "learned_pinned": _learned("learned_pinned"),
     "custom": S.from_function(lambda t: -10.0 + 15.0 * t ** 2 + t),
+    # The schedule through a discrete grid (here the CDM paper's uniform grid, T = 1000).
+    "grid": S.from_alpha2_grid(S.uniform_sigma_alpha2(1000)[1:-1]),
 }
 
 
@@ -151,3 +153,50 @@ def test_gamma_difference_is_exact_on_the_t_step_grid(name):
   naive_err = np.max(np.abs(naive / np.expm1(ref) - 1.0))
   assert err < 1e-6, err
   assert naive_err > 1e-5, naive_err
+
+
+def test_pinned_schedule_stays_increasing_after_a_step_against_its_gap():
+  # One large gradient step that shrinks gamma(1) - gamma(0), whatever the parameterisation of the
+  # endpoints: with free endpoints (gamma_0, gamma_1) it swaps them (gamma_0 = 6.7 > gamma_1 = -15) and
+  # the schedule decreases; pinned by construction (gamma_1 = gamma_0 + softplus(gap)) it stays
+  # increasing. Reference: the definition of a schedule (gamma strictly increasing, docs/math.md sec. 0).
+  module = S.PinnedMonotoneGamma(n_features=16)
+  params = module.init(jax.random.PRNGKey(0), jnp.zeros((1,)))["params"]
+  gap_fn = lambda p: jnp.diff(module.apply({"params": p}, jnp.array([0.0, 1.0])))[0]
+  grad = jax.grad(gap_fn)(params)
+  stepped = jax.tree.map(lambda p, g: p - 20.0 * g, params, grad)
+  gamma = np.asarray(S.from_module(module, stepped).gamma(jnp.linspace(0.0, 1.0, 11)))
+  assert np.all(np.diff(gamma) > 0), gamma
+
+
+def test_pinned_schedule_is_increasing_for_any_parameters():
+  # gamma_0 anywhere, gap down to -5 (softplus(-5) = 6.7e-3, increments ~7e-4 over 11 points, far above
+  # float32 resolution at |gamma| <= 30), and a random shape.
+  module = S.PinnedMonotoneGamma(n_features=16)
+  params = module.init(jax.random.PRNGKey(0), jnp.zeros((1,)))["params"]
+  rng = np.random.RandomState(0)
+  t = jnp.linspace(0.0, 1.0, 11)
+  for _ in range(20):
+    p = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=np.shape(a)) * 5.0, jnp.float32), params)
+    p = dict(p, gamma_0=jnp.float32(rng.uniform(-25, 25)), gap=jnp.float32(rng.uniform(-5, 25)))
+    gamma = np.asarray(S.from_module(module, p).gamma(t))
+    assert np.all(np.diff(gamma) > 0), (p["gamma_0"], p["gap"], gamma)
+
+
+def test_grid_schedule_hits_its_knots_however_t_is_formed():
+  # Reference: the grid itself (float64, rounded once). t = i / T formed as float32(i) / T, as
+  # float32(i) * (1 / T) (what XLA makes of a division by a constant) and from float64 all land on
+  # gamma_i to float32 round-off of gamma, although they differ by an ulp where the grid is steep.
+  T = 1000
+  abar = S.uniform_sigma_alpha2(T)[1:-1]
+  sched = S.from_alpha2_grid(abar)
+  gamma = np.log1p(-abar) - np.log(abar)
+  i = np.arange(1, T + 1)
+  for t in (jnp.arange(1, T + 1, dtype=jnp.float32) / T,
+            jnp.arange(1, T + 1, dtype=jnp.float32) * jnp.float32(1.0 / T),
+            jnp.asarray(i / T, jnp.float32)):
+    np.testing.assert_allclose(np.asarray(sched.gamma(t), np.float64), gamma, rtol=3e-7, atol=3e-7)
+  with pytest.raises(ValueError, match="strictly decreasing"):
+    S.from_alpha2_grid(abar[::-1])
+  with pytest.raises(ValueError, match="shape"):
+    S.from_alpha2_grid(abar[:1])

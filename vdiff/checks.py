@@ -48,3 +48,50 @@ def positive_int(value, name: str, *, minimum: int = 1) -> int:
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
     raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
   return int(value)
+
+
+def _dtype_of(value):
+  """The dtype of an array or Python scalar (bool, int, float), as jnp would make it."""
+  return jnp.asarray(value).dtype
+
+
+def class_indices(t, name: str, *, num_classes: int, batch: int):
+  """t must be integer class indices in {0..num_classes - 1}, a scalar or shape [batch]; int32 [batch].
+
+  A float class (0.7) or a bool is refused rather than converted. The range is checked only on concrete
+  values; under jit the caller decides what an out-of-range class gives (vdiff.cdm: NaN).
+  """
+  dtype = _dtype_of(t)
+  if dtype == jnp.bool_ or not jnp.issubdtype(dtype, jnp.integer):
+    raise TypeError(f"{name} must hold integer class indices in {{0..{num_classes - 1}}}, got dtype "
+                    f"{dtype}.")
+  t = jnp.asarray(t)
+  if t.ndim not in (0, 1) or (t.ndim == 1 and t.shape[0] != batch):
+    raise ValueError(f"{name} must be a scalar or have shape [B] = ({batch},), got {t.shape}.")
+  if is_concrete(t):
+    a = np.asarray(t)
+    if a.size and (a.min() < 0 or a.max() >= num_classes):
+      raise ValueError(f"{name} must hold class indices in {{0..{num_classes - 1}}}, got values in "
+                       f"[{a.min()}, {a.max()}].")
+  return jnp.broadcast_to(t.astype(jnp.int32), (batch,))
+
+
+def unit_times(t, name: str, *, batch: int):
+  """t must be floating times in [0, 1], a scalar or shape [batch]; float32 [batch].
+
+  An integer t is refused (a class index is not a time). NaN and the range are checked only on
+  concrete values; under jit the caller decides what such a time gives (vdiff.cdm: NaN).
+  """
+  dtype = _dtype_of(t)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"{name} must hold floating times in [0, 1], got dtype {dtype}.")
+  t = jnp.asarray(t, jnp.float32)
+  if t.ndim not in (0, 1) or (t.ndim == 1 and t.shape[0] != batch):
+    raise ValueError(f"{name} must be a scalar or have shape [B] = ({batch},), got {t.shape}.")
+  if is_concrete(t):
+    a = np.asarray(t)
+    if np.isnan(a).any():
+      raise ValueError(f"{name} must hold times in [0, 1], got NaN.")
+    if a.size and (a.min() < 0 or a.max() > 1):
+      raise ValueError(f"{name} must hold times in [0, 1], got values in [{a.min()}, {a.max()}].")
+  return jnp.broadcast_to(t, (batch,))

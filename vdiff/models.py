@@ -277,8 +277,19 @@ class DiffEncFamily(VDMFamily):
 
 class CDMFamily(Family):
   """Classification Diffusion Model (Yadin et al., arXiv:2402.10095): a noise-level classifier over the
-  classes {0 (clean), 1..T, T+1 (pure noise)} of a discrete schedule, trained with w_ce CE + MSE through
-  its input gradient on uniformly dequantised data; its logits give log p(y) in one evaluation."""
+  classes {0 (clean), 1..T, T+1 (pure noise)} of a class grid, trained with w_ce CE + MSE through its
+  input gradient on uniformly dequantised data; its logits give log p(y) in one evaluation.
+
+  grid (`cdm.class_grid`): "ddpm" (DDPM's linear betas beta_start..beta_end over beta_steps steps,
+  resampled at T levels, so any T ends where that schedule ends), "uniform" (the paper's
+  sqrt(1 - abar_t) = t / (T + 1), its likelihood grid: abar_T ~ 2 / T is not noise, so a sampler that
+  starts from N(0, I) at class T starts from an approximation) or "schedule" (the fixed `schedule`
+  sampled at t = i / T).
+
+  The training loss is not a likelihood and `loss` returns no bits/dim term: the trainer's logged
+  "bpd" of a CDM run is then its fallback, loss / (D ln 2), a scaled training loss. The model's bits/dim
+  come from `nll` (the evaluation's one-step estimator, eval-mode network, no label dropout).
+  """
 
   family_name = "cdm"
   native_estimator = "cdm"
@@ -286,7 +297,8 @@ class CDMFamily(Family):
   nfe_per_sample = 1      # one classifier evaluation per image
 
   def __init__(self, *, data_shape, num_levels: int, num_labels: int = 0, num_steps: int = 1000,
-               beta_start: float = 1e-4, beta_end: float = 0.02, w_ce: float = 1e-3,
+               grid: str = "ddpm", beta_start: float = 1e-4, beta_end: float = 0.02,
+               beta_steps: int = 1000, schedule: ScheduleSpec | None = None, w_ce: float = 1e-3,
                classifier_kwargs: dict | None = None, p_uncond: float = 0.0):
     self.data_shape = tuple(data_shape)
     self.num_levels = int(num_levels)
@@ -294,9 +306,14 @@ class CDMFamily(Family):
     self.num_steps = int(num_steps)
     self.w_ce = w_ce
     self.p_uncond = p_uncond
-    self._schedule = schedules_lib.ddpm_linear_beta(beta_start=beta_start, beta_end=beta_end,
-                                                     num_steps=self.num_steps)
-    self.abar = cdm.abar_grid(self._schedule, self.num_steps)
+    if grid == "schedule" and (schedule is None or schedule.learned):
+      raise ValueError("model.cdm.grid='schedule' needs a fixed schedule (model.schedule.kind one of "
+                       f"{sorted(schedules_lib.FIXED)}), got "
+                       f"{None if schedule is None else repr(schedule.kind)}.")
+    self.grid = grid
+    self.abar, self._schedule = cdm.class_grid(
+        grid, self.num_steps, beta_start=beta_start, beta_end=beta_end, num_betas=beta_steps,
+        schedule=schedule.bind({}) if grid == "schedule" else None)
     self.net = classifier_nets.NoiseLevelClassifier(num_classes_out=self.num_steps + 2,
                                                    num_labels=self.num_labels,
                                                    **(classifier_kwargs or {}))
@@ -311,6 +328,7 @@ class CDMFamily(Family):
     return {"classifier": self.net.init(rng, x, label)["params"]}
 
   def schedule(self, params) -> schedules_lib.Schedule:  # pylint: disable=unused-argument
+    """The schedule through the class grid: `discrete_alpha2(T)` is abar_0..abar_T."""
     return self._schedule
 
   def logits_fn(self, params, label=None, *, train: bool = False, rng=None):
@@ -329,16 +347,11 @@ class CDMFamily(Family):
     return cdm.make_denoiser(self.logits_fn(params, label), self.abar, num_steps=self.num_steps)
 
   def loss(self, params, rng, batch, *, train: bool = True):
+    """(w_ce CE + MSE per example [B], {"ce", "mse"}): one classifier evaluation (and its gradients)."""
     r_lab, r_drop, r_deq, r_loss = jax.random.split(rng, 4)
     y = likelihood.dequantize(r_deq, batch["image"], self.num_levels)
     logits_fn = self.logits_fn(params, self._labels(r_lab, batch, train), train=train, rng=r_drop)
-    per_example, terms = cdm.loss(r_loss, y, logits_fn, self.abar, w_ce=self.w_ce)
-    # The loss is not a likelihood; log the one-step bits/dim of the clean batch beside it (one more
-    # forward pass, no gradient).
-    nats = -cdm.one_step_log_density(logits_fn, y)
-    terms = dict(terms, bpd=jax.lax.stop_gradient(
-        likelihood.nats_to_bpd(nats, self.num_dims, num_levels=self.num_levels)))
-    return per_example, terms
+    return cdm.loss(r_loss, y, logits_fn, self.abar, w_ce=self.w_ce)
 
   def nll(self, params, rng, batch):
     """-log p(y) in nats of one uniformly dequantised copy y of the batch, one network evaluation."""
@@ -379,7 +392,17 @@ def from_config(model_cfg, *, data_shape, num_levels: int, num_labels: int):
           attn_resolutions=tuple(e.attn_resolutions), num_groups=e.num_groups))
     return FAMILIES[family](**kw)
   c = model_cfg.cdm
-  return CDMFamily(**common, num_steps=c.num_steps, beta_start=c.beta_start, beta_end=c.beta_end,
+  grid_schedule = None
+  if c.grid == "schedule":
+    s = model_cfg.schedule
+    if s.kind not in schedules_lib.FIXED:
+      raise ValueError("model.cdm.grid='schedule' samples model.schedule, which must then be fixed: "
+                       f"model.schedule.kind one of {sorted(schedules_lib.FIXED)}, got {s.kind!r}.")
+    grid_schedule = ScheduleSpec(s.kind, s.gamma_min, s.gamma_max)
+  elif c.grid not in cdm.GRIDS:
+    raise ValueError(f"unknown model.cdm.grid {c.grid!r}; expected one of {cdm.GRIDS}.")
+  return CDMFamily(**common, num_steps=c.num_steps, grid=c.grid, beta_start=c.beta_start,
+                   beta_end=c.beta_end, beta_steps=c.beta_steps, schedule=grid_schedule,
                    w_ce=c.w_ce, p_uncond=model_cfg.p_uncond, classifier_kwargs=dict(
                        ch=c.ch, ch_mult=tuple(c.ch_mult), num_res_blocks=c.num_res_blocks,
                        attn_resolutions=tuple(c.attn_resolutions), dropout=c.dropout,

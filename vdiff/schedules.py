@@ -219,6 +219,111 @@ def ddpm_linear_beta(*, beta_start: float = 1e-4, beta_end: float = 0.02,
   return Schedule(gamma_fn, name=f"ddpm_linear_beta_{num_steps}")
 
 
+# ----------------------------------------------------------------------------------------------------
+# Discrete grids of alpha^2 (abar) for any number of steps, and the schedule through a given grid.
+# Computed in float64 on the host: 1 - abar_1 ~ 1e-4 is not representable to full precision from abar_1
+# in float32, and a product of 1000 factors (1 - beta) accumulates float32 round-off.
+# ----------------------------------------------------------------------------------------------------
+def ddpm_linear_beta_alpha2(t, *, beta_start: float = 1e-4, beta_end: float = 0.02,
+                            num_betas: int = 1000) -> np.ndarray:
+  """abar(t) of DDPM's linear-beta schedule read as a function of t in (0, 1], float64 [len(t)].
+
+  The num_betas betas beta_j = beta_start + (beta_end - beta_start)(j - 1)/(num_betas - 1) give DDPM's
+  abar_j = prod_{k <= j} (1 - beta_k), placed at t_j = j / num_betas (Ho et al. 2020, arXiv:2006.11239).
+  Between the knots gamma = log((1 - abar) / abar) is linear in t; below t_1 it is extrapolated
+  linearly from the first two knots (as in `ddpm_linear_beta`). So
+
+      abar(j / num_betas) = DDPM's abar_j   (float64 round-off),   abar(1) = DDPM's abar_{num_betas},
+
+  and sampling t = i / T for i = 1..T gives a T-step grid over the SAME gamma range for any T: the
+  num_betas-step schedule resampled (for T = num_betas exactly DDPM's grid; for T = 50 its last level is
+  still DDPM's abar_1000 = 4.0e-5, where T = 50 linear betas 1e-4..0.02 would stop at abar_50 = 0.60).
+
+  Args:
+    t: times in (0, 1], any shape (float64 on the host). beta_start, beta_end: the first and last beta.
+    num_betas: how many betas (DDPM: 1000).
+  Returns:
+    abar(t), float64, the shape of t.
+  """
+  if isinstance(num_betas, bool) or not isinstance(num_betas, (int, np.integer)) or num_betas < 2:
+    raise ValueError(f"num_betas must be an integer >= 2, got {num_betas!r}.")
+  if not 0.0 < beta_start <= beta_end < 1.0:
+    raise ValueError(
+        f"need 0 < beta_start <= beta_end < 1, got beta_start={beta_start}, beta_end={beta_end}.")
+  t = np.asarray(t, np.float64)
+  if not np.all((t > 0) & (t <= 1)):
+    raise ValueError(f"t must lie in (0, 1], got values in [{t.min()}, {t.max()}].")
+  betas = np.linspace(beta_start, beta_end, num_betas, dtype=np.float64)
+  log_abar = np.cumsum(np.log1p(-betas))
+  gammas = np.log(-np.expm1(log_abar)) - log_abar  # log((1 - abar) / abar)
+  knots_t = np.arange(1, num_betas + 1, dtype=np.float64) / num_betas
+  g = np.interp(t, knots_t, gammas)
+  below = t < knots_t[0]  # np.interp clamps; extrapolate linearly instead
+  slope = (gammas[1] - gammas[0]) * num_betas
+  g = np.where(below, gammas[0] + slope * (t - knots_t[0]), g)
+  return _alpha2_from_gamma_f64(g)
+
+
+def uniform_sigma_alpha2(num_steps: int) -> np.ndarray:
+  """The CDM paper's "uniform" grid, sqrt(1 - abar_i) = i / (T + 1) for i = 0..T + 1, float64 [T + 2].
+
+  abar_i = 1 - (i / (T + 1))^2, formed as (1 - u)(1 + u) with u = i / (T + 1) (no cancellation near
+  u = 1). abar_0 = 1 (clean) and abar_{T+1} = 0 (pure noise); abar_T = (2T + 1) / (T + 1)^2 ~ 2 / T
+  is NOT noise (Yadin et al., arXiv:2402.10095, the likelihood experiments).
+  """
+  if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+    raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}.")
+  u = np.arange(num_steps + 2, dtype=np.float64) / (num_steps + 1)
+  return (1.0 - u) * (1.0 + u)
+
+
+def _alpha2_from_gamma_f64(gamma: np.ndarray) -> np.ndarray:
+  """sigmoid(-gamma) in float64, stable for either sign of gamma."""
+  e = np.exp(-np.abs(gamma))
+  return np.where(gamma >= 0, e / (1.0 + e), 1.0 / (1.0 + e))
+
+
+def from_alpha2_grid(alpha2, name: str = "grid") -> Schedule:
+  """The schedule through a discrete grid: gamma(i / T) = log((1 - abar_i) / abar_i) for i = 1..T.
+
+  Between the knots gamma is linear in t; below t = 1 / T it is extrapolated linearly from the first two
+  knots (t = 0 is then slightly cleaner than the first level).
+
+  Numerics: a float32 time i / T formed by different arithmetic (XLA turns x / T into x * (1 / T)) can
+  miss the float32 knot by an ulp, and where the grid is steep (the uniform grid near t = 1 changes gamma
+  by 0.7 per step at T = 1000) linear interpolation turns that ulp into a relative error of 4e-5 in
+  alpha^2. So a time within a few float32 ulps of a knot, |t T - i| <= 4 eps T, takes the knot's gamma
+  exactly (the derivative stays that of the interpolant, through a stop_gradient). `discrete_alpha2(T)`
+  and every sampler on the t = i / T grid then see the grid to float32 round-off of gamma.
+
+  Args:
+    alpha2: abar_1..abar_T, [T] with T >= 2, strictly decreasing in (0, 1) (no clean / pure-noise ends).
+    name: a label for logs.
+  """
+  a = np.asarray(alpha2, np.float64)
+  if a.ndim != 1 or a.shape[0] < 2:
+    raise ValueError(f"alpha2 must have shape [T] with T >= 2, got {a.shape}.")
+  if not (np.all((a > 0) & (a < 1)) and np.all(np.diff(a) < 0)):
+    raise ValueError("alpha2 must be strictly decreasing inside (0, 1) (abar_1 > ... > abar_T).")
+  num_steps = a.shape[0]
+  gammas = np.log1p(-a) - np.log(a)
+  knots_t = np.arange(0, num_steps + 1, dtype=np.float64) / num_steps
+  knots_g = np.concatenate([[2 * gammas[0] - gammas[1]], gammas])
+  knots_t = jnp.asarray(knots_t, jnp.float32)
+  knots_g = jnp.asarray(knots_g, jnp.float32)
+  snap = 4.0 * float(np.finfo(np.float32).eps) * num_steps
+
+  def gamma_fn(t):
+    g = jnp.interp(t, knots_t, knots_g)
+    u = t * num_steps
+    k = jnp.round(u)
+    at_knot = (jnp.abs(u - k) <= snap) & (k >= 0) & (k <= num_steps)
+    g_knot = knots_g[jnp.clip(k, 0, num_steps).astype(jnp.int32)]
+    return g + jax.lax.stop_gradient(jnp.where(at_knot, g_knot - g, 0.0))
+
+  return Schedule(gamma_fn, name=name)
+
+
 def from_function(fn: Callable[[Array], Array], name: str = "custom") -> Schedule:
   """Wrap any user function t -> gamma (elementwise, increasing, differentiable)."""
   return Schedule(fn, name=name)
@@ -290,10 +395,15 @@ class PinnedMonotoneGamma(nn.Module):
   """Monotone network with its endpoints pinned and learned separately:
 
       gamma(t) = gamma_0 + (gamma_1 - gamma_0) (g~(t) - g~(0)) / (g~(1) - g~(0)),
+      gamma_1  = gamma_0 + softplus(gap),
 
   where g~ is `MonotoneNetGamma` (the "shape"; its scale and offset cancel). Parameters:
-  {'gamma_0', 'gamma_1', 'shape': {...}}. The endpoints enter the ELBO; the shape leaves the continuous
-  diffusion loss's expectation unchanged (VDM sec. 5) and only changes the estimator's variance.
+  {'gamma_0', 'gap', 'shape': {...}}. gamma is increasing for every parameter value: the shape is
+  monotone by |kernel| and gamma_1 - gamma_0 = softplus(gap) > 0 (as |w| keeps `LearnedScalarGamma`
+  increasing; softplus rather than |.| so that the gap never reaches 0 and its gradient has no kink).
+  At initialisation gap = softplus^-1(gamma_max - gamma_min), so gamma_1 = gamma_max to float32
+  round-off. The endpoints enter the ELBO; the shape leaves the continuous diffusion loss's expectation
+  unchanged (VDM sec. 5) and only changes the estimator's variance.
   """
 
   gamma_min: float = GAMMA_MIN
@@ -304,11 +414,19 @@ class PinnedMonotoneGamma(nn.Module):
   def __call__(self, t):
     t = jnp.asarray(t, jnp.float32)
     g0 = self.param("gamma_0", nn.initializers.constant(self.gamma_min), ())
-    g1 = self.param("gamma_1", nn.initializers.constant(self.gamma_max), ())
+    gap = self.param("gap", nn.initializers.constant(_softplus_inverse(self.gamma_max - self.gamma_min)),
+                     ())
     shape = MonotoneNetGamma(self.gamma_min, self.gamma_max, self.n_features, name="shape")
     ends = shape(jnp.array([0.0, 1.0]))
     frac = (shape(t) - ends[0]) / (ends[1] - ends[0])
-    return g0 + (g1 - g0) * frac
+    return g0 + jax.nn.softplus(gap) * frac
+
+
+def _softplus_inverse(y: float) -> float:
+  """x with softplus(x) = log(1 + e^x) = y > 0, in float64: x = y + log(-expm1(-y))."""
+  if not y > 0:
+    raise ValueError(f"gamma_max - gamma_min must be > 0, got {y}.")
+  return y + math.log(-math.expm1(-y))
 
 
 # One visible map from config names to fixed schedule factories and learned modules.

@@ -49,8 +49,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   e.num_groups = 32
   m.cdm = cd = ml_collections.ConfigDict()     # Classification Diffusion Models
   cd.num_steps = 1000        # T: classes 0..T+1
-  cd.beta_start = 1e-4
-  cd.beta_end = 0.02
+  cd.grid = "ddpm"           # ddpm | uniform | schedule: the class grid abar_0..abar_{T+1} (vdiff.cdm.class_grid)
+  cd.beta_start = 1e-4       # ddpm grid: DDPM's linear betas beta_start..beta_end over beta_steps steps,
+  cd.beta_end = 0.02         #   resampled at the T levels t = i / T, so that any T (the `tiny` T = 50
+  cd.beta_steps = 1000       #   too) ends where that schedule ends (abar = 4.0e-5 for these values)
+                             # schedule grid: model.schedule (kind linear | cosine, gamma_min, gamma_max)
+                             #   sampled at t = i / T; uniform grid: sqrt(1 - abar_t) = t / (T + 1)
   cd.w_ce = 1e-3
   cd.ch = 128
   cd.ch_mult = (1, 2, 2, 2)
