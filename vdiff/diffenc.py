@@ -222,7 +222,8 @@ def diffusion_loss(x: Array, t: Array, eps: Array, *, schedule: schedules_lib.Sc
     gamma_t, dgamma = schedule.gamma_and_dgamma(t)
     offset, doffset = encoder_and_derivative(enc.offset, x, gamma_t)  # d x_t/dgamma = d offset/dgamma
   else:
-    t, s = vdm.discretize_times(t, num_steps)
+    i = vdm.step_indices(t, num_steps)
+    t, s = i / num_steps, (i - 1.0) / num_steps
     gamma_t, gamma_s = schedule.gamma(t), schedule.gamma(s)
     offset = enc.offset(x, gamma_t)
   g = vdm.bcast(gamma_t, x)
@@ -236,7 +237,7 @@ def diffusion_loss(x: Array, t: Array, eps: Array, *, schedule: schedules_lib.Sc
     resid = (eps - eps_hat) + sqrt_snr * doffset + shift * sigma * alpha_x_hat
     weight = 0.5 * dgamma
   else:
-    delta = schedule.gamma_difference(t, s)  # exact for the linear schedule (Schedule.gamma_difference)
+    delta = schedule.gamma_difference(i, num_steps)  # from (i, T): exact for the linear schedule
     db = vdm.bcast(delta, x)
     x_diff = enc.offset(x, gamma_s) - offset  # x_s - x_t, from offsets (see module numerics note)
     # u = SNR_t^(1/2)(x_s - x_t) + Delta SNR_t^(1/2) d_hat,  SNR^(1/2) d_hat = -sigma alpha x_hat.

@@ -444,7 +444,8 @@ def _sample_and_save(model, params, config, workdir, step, rng):
   if model.num_labels and s.label >= 0:
     label = jnp.full((s.num_samples,), s.label, jnp.int32)
   fn = jax.jit(functools.partial(model.sample, num=s.num_samples, num_steps=s.num_steps,
-                                 sampler=s.sampler, eta=s.eta, guidance_weight=s.guidance_weight))
+                                 sampler=s.sampler, eta=s.eta, guidance_weight=s.guidance_weight,
+                                 clip_x0=s.get("clip_x0")))
   samples = np.asarray(jax.device_get(fn(params, rng, label=label)))
   if jax.process_index() == 0:
     base = os.path.join(workdir, f"samples_{step:08d}")

@@ -152,9 +152,17 @@ def reconstruction_loss(eps: Array, x: Array, gamma_0: Array, *, num_levels: int
   return -_sum_per_example(logp_x)
 
 
+def step_indices(t: Array, num_steps: int) -> Array:
+  """The step i = floor(t T) + 1 in {1..T} of times t in [0, 1] (t = 1 is the last step, i = T), float32.
+
+  float32 holds these integers exactly (T <= 2^24); `Schedule.gamma_difference(i, T)` takes them.
+  """
+  return jnp.clip(jnp.floor(t * num_steps) + 1.0, 1.0, float(num_steps))
+
+
 def discretize_times(t: Array, num_steps: int) -> tuple[Array, Array]:
-  """Map t in [0, 1) to the T-step grid: t_i = i / T with i = floor(t T) + 1 in {1..T}, s = (i - 1) / T."""
-  i = jnp.floor(t * num_steps) + 1.0
+  """Map t in [0, 1] to the T-step grid: t_i = i / T with i = `step_indices(t, T)`, s = (i - 1) / T."""
+  i = step_indices(t, num_steps)
   return i / num_steps, (i - 1.0) / num_steps
 
 
@@ -179,10 +187,12 @@ def diffusion_loss(x: Array, t: Array, eps: Array, *, schedule: schedules_lib.Sc
     gamma_t, dgamma = schedule.gamma_and_dgamma(t)
     weight = 0.5 * dgamma
   else:
-    t, s = discretize_times(t, num_steps)
+    i = step_indices(t, num_steps)
+    t = i / num_steps
     gamma_t = schedule.gamma(t)
-    # gamma_difference: exact for the linear schedule, not a difference of two float32 gammas near -13.
-    weight = 0.5 * num_steps * jnp.expm1(schedule.gamma_difference(t, s))
+    # gamma_t - gamma_s from (i, T): exact for the linear schedule, not a difference of two float32
+    # gammas near -13 at two float32-rounded times (see Schedule.gamma_difference).
+    weight = 0.5 * num_steps * jnp.expm1(schedule.gamma_difference(i, num_steps))
   g = bcast(gamma_t, x)
   z = schedules_lib.alpha_from_gamma(g) * x + schedules_lib.sigma_from_gamma(g) * eps
   eps_hat = eps_fn(z, t)
