@@ -474,3 +474,28 @@ def test_diffenc_ddim_eta1_is_ddpm_with_the_shift():
   t_ddim, t_ddpm, t_vdm = run(jax.random.PRNGKey(9))
   np.testing.assert_allclose(t_ddim, t_ddpm, atol=2e-5, rtol=1e-5)
   np.testing.assert_allclose(t_vdm[:-1], t_ddpm[:-1], atol=2e-5, rtol=1e-5)
+
+
+def test_nan_denoiser_never_decodes_to_valid_levels():
+  # A diverged (NaN) denoiser: the float samples are NaN, and decoded levels are -1 (outside {0..K-1}),
+  # eagerly and under jit. The old decode cast NaN to level 0: an all-black, valid-looking image.
+  nan_fn = lambda z, t: jnp.full_like(z, jnp.nan)
+  rng, shape = jax.random.PRNGKey(0), (4, 3)
+  for fn in (samplers.ddim, samplers.ddpm, samplers.vdm_ancestral):
+    assert np.all(np.isnan(fn(rng, nan_fn, LINEAR, shape, num_steps=5)))
+    levels = fn(rng, nan_fn, LINEAR, shape, num_steps=5, num_levels=17)
+    assert levels.dtype == jnp.int32 and np.all(np.asarray(levels) == -1), levels
+    jitted = jax.jit(lambda r: fn(r, nan_fn, LINEAR, shape, num_steps=5, num_levels=17))(rng)
+    assert np.all(np.asarray(jitted) == -1), jitted
+  # A finite sample still decodes to a level in {0..K-1} (one NaN entry does not spoil the others).
+  part = lambda z, t: jnp.where(jnp.arange(3) == 1, jnp.nan, 0.5 * z)
+  levels = np.asarray(samplers.ddim(rng, part, LINEAR, shape, num_steps=5, num_levels=17))
+  assert np.all(levels[:, 1] == -1) and np.all((levels[:, [0, 2]] >= 0) & (levels[:, [0, 2]] < 17))
+
+
+@pytest.mark.parametrize("num_levels", [17.5, 1, True, "17"])
+def test_num_levels_must_be_an_integer(num_levels):
+  # The old check compared num_levels < 2 only, accepting 17.5 (and decoding with a fractional K).
+  for fn in (samplers.ddim, samplers.ddpm, samplers.vdm_ancestral):
+    with pytest.raises(ValueError, match="num_levels must be an integer >= 2"):
+      fn(jax.random.PRNGKey(0), gaussian_eps_fn(LINEAR), LINEAR, (4, 2), num_steps=5, num_levels=num_levels)

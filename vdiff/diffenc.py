@@ -67,6 +67,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from vdiff import checks
 from vdiff import schedules as schedules_lib
 from vdiff import vdm
 
@@ -205,8 +206,8 @@ def diffusion_loss(x: Array, t: Array, eps: Array, *, schedule: schedules_lib.Sc
   Here z_t = alpha_t x_t + sigma_t eps with x_t = encoder(x, gamma_t), and x_hat predicts x_t.
 
   Args:
-    x: [B, ...] data. t: [B] times in [0, 1). eps: [B, ...] noise.
-    schedule: the noise schedule. encoder: enc(x, gamma) -> x_t.
+    x: [B, ...] data. t: [B] floating-point times in [0, 1] (eagerly checked; see `vdm.diffusion_loss`).
+    eps: [B, ...] noise. schedule: the noise schedule. encoder: enc(x, gamma) -> x_t.
     eps_fn: denoiser eps_fn(z, t) -> eps_hat (eps- or v-network through `vdm.make_eps_fn`), or
     x_hat_fn: x_hat_fn(z, t) -> x_hat, a direct prediction of x_t (pass exactly one).
     num_steps: T, or None for T = infinity.
@@ -215,7 +216,7 @@ def diffusion_loss(x: Array, t: Array, eps: Array, *, schedule: schedules_lib.Sc
     [B] loss in nats.
   """
   chex.assert_equal_shape([x, eps])
-  chex.assert_shape(t, (x.shape[0],))
+  checks.times(t, "t", batch_size=x.shape[0])
   enc = as_encoder(encoder)
   shift = 1.0 if model_shift else 0.0
   if num_steps is None:

@@ -175,12 +175,14 @@ def diffusion_loss(x: Array, t: Array, eps: Array, *, schedule: schedules_lib.Sc
   weight accurate when gamma_t - gamma_s is small (large T), where exp(.) - 1 would cancel.
 
   Args:
-    x: [B, ...] data. t: [B] times in [0, 1). eps: [B, ...] noise.
-    schedule: the noise schedule. eps_fn: the denoiser. num_steps: T, or None for T = infinity.
+    x: [B, ...] data. t: [B] floating-point times in [0, 1] (t = 1 is the last step i = T); integer
+      dtypes are refused, and eagerly NaN or out-of-range values too (under jit a NaN t gives NaN).
+    eps: [B, ...] noise. schedule: the noise schedule. eps_fn: the denoiser.
+    num_steps: T, or None for T = infinity.
   """
   checks.batch(x, "x")
   chex.assert_equal_shape([x, eps])
-  chex.assert_shape(t, (x.shape[0],))
+  checks.times(t, "t", batch_size=x.shape[0])
   if num_steps is not None:
     checks.positive_int(num_steps, "num_steps")
   if num_steps is None:
@@ -209,7 +211,9 @@ def negative_elbo(rng: Array, x: Array, *, schedule: schedules_lib.Schedule, eps
   Args:
     rng: PRNG key. x: [B, ...] encoded K-level data. schedule, eps_fn: the model.
     num_levels: K. num_steps: T (None = continuous time). antithetic: stratified t over the batch.
-    t: optional [B] times (overrides sampling; for stratification over a larger global batch).
+    t: optional [B] floating-point times in [0, 1] (overrides sampling; for stratification over a larger
+      global batch). Integer dtypes are refused; NaN or out-of-range values eagerly (under jit a NaN t
+      gives a NaN -ELBO, never a finite number).
   Returns:
     (nelbo [B], {"prior": [B], "recon": [B], "diff": [B]}).
   """
@@ -220,6 +224,7 @@ def negative_elbo(rng: Array, x: Array, *, schedule: schedules_lib.Schedule, eps
   rng_t, rng_0, rng_e = jax.random.split(rng, 3)
   if t is None:
     t = sample_times(rng_t, x.shape[0], antithetic=antithetic)
+  checks.times(t, "t", batch_size=x.shape[0])
   gamma_0, gamma_1 = schedule.endpoints()
   prior = prior_loss(x, gamma_1)
   recon = reconstruction_loss(jax.random.normal(rng_0, x.shape), x, gamma_0, num_levels=num_levels)
