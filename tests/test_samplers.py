@@ -336,7 +336,8 @@ def test_ddpm_steps_match_float64_reference(variance):
       if i == 1:
         out.append(x0)
         continue
-      mean = (beta[i] * np.sqrt(abar[i - 1]) * x0 + (1 - abar[i - 1]) * np.sqrt(1 - beta[i]) * z) / (1 - abar[i])
+      mean = (beta[i] * np.sqrt(abar[i - 1]) * x0
+              + (1 - abar[i - 1]) * np.sqrt(1 - beta[i]) * z) / (1 - abar[i])
       var = beta[i] * (1 - abar[i - 1]) / (1 - abar[i]) if variance == "small" else beta[i]
       out.append(mean + np.sqrt(var) * noise[k])
     return np.stack(out)
