@@ -396,8 +396,8 @@ def test_trainable_encoder_with_network_jvp_matches_finite_differences(tiny_net)
 def test_t_step_weight_matches_float64(num_steps):
   # With x = 0 the non-trainable encoder's offsets vanish; with d_hat = 0 (model_shift=False), eps = 1 and
   # eps_hat = 0 the T-step loss is T/2 expm1(gamma_t - gamma_s) D, exactly T/2 expm1((g1 - g0) / T) for
-  # the linear schedule (reference: float64), on every step i = 1..T. The old weight from float32 t, s
-  # and two float32 gammas was off by 3.0e-5 (T = 1000) and 3.0e-4 (T = 10^4) relatively under jit.
+  # the linear schedule (reference: float64), on every step i = 1..T. A weight from float32 t, s and
+  # two float32 gammas is off by 3.0e-5 (T = 1000) and 3.0e-4 (T = 10^4) relatively under jit.
   T = num_steps
   t = (jnp.arange(T, dtype=jnp.float32) + 0.5) / T
   loss = jax.jit(lambda t: diffenc.diffusion_loss(

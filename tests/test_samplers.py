@@ -316,10 +316,10 @@ def _rel_err(got, ref):
 def test_ddpm_steps_match_float64_reference(variance):
   # Reference: DDPM's sampler (Ho et al. 2020, Algorithm 2; official code p_sample with
   # clip_denoised=True: x0_hat clipped to [-1, 1] before the posterior mean) in float64 from the betas,
-  # applied to each state of vdiff's trajectory with the same eps'. Default clip_x0 must clip (the old
-  # sampler never clipped: max step error 0.5); clip_x0=False must be the unclipped chain. Both to
-  # float32 round-off: the grid comes from the betas (the float32-knot grid had beta off by 1.2e-4,
-  # step error 8e-6 relative).
+  # applied to each state of vdiff's trajectory with the same eps'. Default clip_x0 must clip (an
+  # unclipped sampler is off by up to 2.3 relatively here); clip_x0=False must be the unclipped chain.
+  # Both to float32 round-off (measured 1.9e-7): the grid comes from the betas (a grid from float32
+  # gamma knots has beta off by 1.2e-4 and step errors of 1.7e-5 relatively).
   T, shape = 1000, (64, 3)
   rng = jax.random.PRNGKey(11)
   beta, abar = _ddpm_abar64(T)
@@ -389,9 +389,9 @@ def test_ddim_steps_match_float64_reference(eta):
 
 def test_vdm_ancestral_steps_match_float64_reference():
   # Reference: the VDM step z_s = (alpha_s / alpha_t) z_t + sigma_s sqrt(c) eps', c = -expm1(gamma_s -
-  # gamma_t) (MATH.md sec. 5), in float64 on the exact linear gammas, applied to each state of the
-  # trajectory with the same eps' (eps_hat = 0 isolates the coefficients). T = 1000: the old c from
-  # float32 t and s was off by ~3e-5 relatively (max step error 5.3e-6); now float32 round-off (3e-7).
+  # gamma_t) (docs/math.md sec. 5), in float64 on the exact linear gammas, applied to each state of the
+  # trajectory with the same eps' (eps_hat = 0 isolates the coefficients). T = 1000: a c from float32
+  # t and s is off by ~3e-5 relatively (max step error 5.3e-6); from (i, T), float32 round-off (3e-7).
   T, shape = 1000, (256, 2)
   rng = jax.random.PRNGKey(3)
   _, traj = jax.jit(lambda r: samplers.vdm_ancestral(r, lambda z, t: jnp.zeros_like(z), LINEAR, shape,
@@ -424,7 +424,7 @@ DIFFENC_SAMPLERS = {
 @functools.lru_cache(maxsize=None)
 def _diffenc_moments(encoder_shift):
   # The exact denoiser of the non-trainable encoder's process: x_t = alpha_t^2 x, z_t = alpha_t x_t +
-  # sigma_t eps = alpha_t^3 x + sigma_t eps, so E[eps | z_t] is MATH.md sec. 7's with alpha -> alpha^3.
+  # sigma_t eps = alpha_t^3 x + sigma_t eps, so E[eps | z_t] is docs/math.md sec. 7's with alpha -> alpha^3.
   eps_fn = gaussian_eps_fn(LINEAR, mu=DIFFENC_MU, s=DIFFENC_S, power=3)
   shape = (8192, 2)
 
@@ -479,7 +479,7 @@ def test_diffenc_ddim_eta1_is_ddpm_with_the_shift():
 
 def test_nan_denoiser_never_decodes_to_valid_levels():
   # A diverged (NaN) denoiser: the float samples are NaN, and decoded levels are -1 (outside {0..K-1}),
-  # eagerly and under jit. The old decode cast NaN to level 0: an all-black, valid-looking image.
+  # eagerly and under jit. Casting NaN to int32 would give level 0: an all-black, valid-looking image.
   nan_fn = lambda z, t: jnp.full_like(z, jnp.nan)
   rng, shape = jax.random.PRNGKey(0), (4, 3)
   for fn in (samplers.ddim, samplers.ddpm, samplers.vdm_ancestral):
@@ -496,7 +496,7 @@ def test_nan_denoiser_never_decodes_to_valid_levels():
 
 @pytest.mark.parametrize("num_levels", [17.5, 1, True, "17"])
 def test_num_levels_must_be_an_integer(num_levels):
-  # The old check compared num_levels < 2 only, accepting 17.5 (and decoding with a fractional K).
+  # A check of num_levels < 2 alone would accept 17.5 (and decode with a fractional K).
   for fn in (samplers.ddim, samplers.ddpm, samplers.vdm_ancestral):
     with pytest.raises(ValueError, match="num_levels must be an integer >= 2"):
       fn(jax.random.PRNGKey(0), gaussian_eps_fn(LINEAR), LINEAR, (4, 2), num_steps=5, num_levels=num_levels)

@@ -179,7 +179,7 @@ def _grid64(gamma):
 @pytest.mark.parametrize("name", ["ddpm", "linear", "cosine"])
 def test_discrete_grid_matches_float64(name):
   # DDPM (Ho et al. 2020): betas linspace(1e-4, 0.02, 1000) in float64, abar = cumprod(1 - beta). The
-  # float32 knots route (beta from two float32 log abar near -10) was off by 1.2e-4 relatively; the grid
+  # float32 knots route (beta from two float32 log abar near -10) is off by 1.2e-4 relatively; the grid
   # is built from the betas in float64 and rounded once (measured 6e-8). linear / cosine: the float64
   # gamma on t = i / T through the same formulas (measured 1.1e-6 / 6e-7: float32 rounding of gamma_i).
   T = 1000

@@ -196,7 +196,8 @@ def test_t_step_weight_matches_float64(num_steps):
   # T-step L_diff = T/2 expm1(gamma_t - gamma_s) ||eps - eps_hat||^2 with eps = 1, eps_hat = 0, D = 1:
   # exactly T/2 expm1((g1 - g0) / T) for the linear schedule (reference: float64). One example on every
   # step i = 1..T. Forming t = i/T and s = (i-1)/T in float32 first and subtracting two float32 gammas
-  # was off by 3.0e-5 (T = 1000) and 3.0e-4 (T = 10^4) relatively under jit; the (i, T) interface by < 2e-7.
+  # is off by 3.0e-5 (T = 1000) and 3.0e-4 (T = 10^4) relatively under jit; the (i, T) interface by
+  # < 2e-7.
   T = num_steps
   t = (jnp.arange(T, dtype=jnp.float32) + 0.5) / T
   loss = jax.jit(lambda t: vdm.diffusion_loss(jnp.zeros((T, 1)), t, jnp.ones((T, 1)), schedule=S.linear(),
@@ -209,7 +210,7 @@ def test_t_step_weight_matches_float64(num_steps):
 def test_score_unet_at_init_outputs_z_and_what_that_means_per_parameterisation():
   # ScoreUNet's output conv is zero-initialised and z is skipped to the output: at init the network is
   # the identity in z. Through make_eps_fn that is eps_hat = z for "eps" and, since eps_hat = sigma z +
-  # alpha v_hat (MATH.md sec. 0), eps_hat = (sigma + alpha) z for "v" (not z: its docstring said so).
+  # alpha v_hat (docs/math.md sec. 0), eps_hat = (sigma + alpha) z for "v", not z.
   from vdiff.nets import score
   net = score.ScoreUNet(ch=8, num_blocks=1, dropout=0.0, attention=False, num_groups=4)
   z = jax.random.normal(jax.random.PRNGKey(0), (3, 4, 4, 2))
@@ -235,7 +236,7 @@ def test_score_unet_at_init_outputs_z_and_what_that_means_per_parameterisation()
 
 def test_elbo_refuses_bad_times_eagerly_and_propagates_nan_under_jit():
   # t must be floating-point times in [0, 1]: integer, NaN and out-of-range t are refused by name when
-  # called eagerly (the old code returned finite numbers for all three). Under jit the values are not
+  # called eagerly. Under jit the values are not
   # known: a NaN time gives a NaN -ELBO for that example (never a finite, valid-looking value).
   sched = S.linear()
   x = jnp.full((3, 2), 0.25)

@@ -17,7 +17,7 @@ it enters the update. The defaults follow each sampler's reference code: DDPM cl
 probability flow never clip (they are the model's own generative process). Likelihoods (vdiff.vdm,
 vdiff.diffenc, vdiff.likelihood) never clip anything.
 
-DiffEnc (MATH.md sec. 3): with `encoder_shift=True` every sampler models the encoder's mean shift, for
+DiffEnc (docs/math.md sec. 3): with `encoder_shift=True` every sampler models the encoder's mean shift, for
 models whose diffusion runs on x_t = enc(x, gamma_t) and whose x_hat = (z_t - sigma_t eps_hat) / alpha_t
 estimates x_t, with the encoder-derivative estimate d_hat = -sigma_t^2 x_hat (exact for the
 non-trainable encoder x_t = alpha_t^2 x). The estimate of x_s for s < t is
@@ -483,7 +483,7 @@ def probability_flow_sample(rng: Array, eps_fn: EpsFn, schedule: schedules_lib.S
 
   encoder_shift=True gives the flow of DiffEnc's encoded process z_t = alpha_t x_t + sigma_t eps
   (x_t = enc(x, gamma_t)): the velocity E[d z_t / dt | z_t] gains alpha_t gamma'(t) d_hat with
-  d_hat = -sigma_t^2 x_hat (MATH.md sec. 3), i.e.
+  d_hat = -sigma_t^2 x_hat (docs/math.md sec. 3), i.e.
 
       dz/dt = 1/2 gamma'(t) sigma_t (eps_hat - sigma_t z) - gamma'(t) sigma_t^2 alpha_t x_hat
             = 1/2 gamma'(t) sigma_t (eps_tilde - sigma_t z),   eps_tilde = eps_hat - 2 sigma_t alpha_t x_hat,
