@@ -5,7 +5,7 @@ any `vdiff.schedules.Schedule`, and draws from N(0, I) at t = 1 down to t = 0 in
 of eps_fn whatever the number of steps). All are pure and deterministic given the key; they hold no
 device logic (wrap them in `jax.jit`, shard the key and the batch at the call site).
 
-Discrete grids (MATH.md sec. 0, 5): step i of T sits at t = i / T, abar_i = alpha^2(i / T) for i >= 1 and
+Discrete grids (docs/math.md sec. 0, 5): step i of T sits at t = i / T, abar_i = alpha^2(i / T) for i >= 1 and
 abar_0 := 1 (clean data): `schedule.discrete_grid(T)`, which gives log abar, 1 - abar, gamma and the betas
 to float32 round-off (from DDPM's betas in float64 where the schedule has them; otherwise from gamma and
 the cancellation-free increments `schedule.gamma_difference(i, T)`, never from 1 - abar: at
@@ -35,7 +35,8 @@ rng -> (rng_init, rng_steps); z_T = N(0, I) from rng_init; step k (k = 0 is the 
 draws its eps' from split(rng_steps, num_steps)[k].
 
 Return values: samples [B, ...] (float32 x-space estimates, or int32 levels in {0..K-1} when num_levels
-is given), and with return_trajectory=True also the trajectory [num_steps + 1, B, ...]: the initial
+is given; a sample that is not finite, e.g. from a diverged denoiser, decodes to -1, never to a valid
+level), and with return_trajectory=True also the trajectory [num_steps + 1, B, ...]: the initial
 noise followed by the state after each step. `z_init=` replaces the initial noise (rng then only
 draws the per-step noise).
 
