@@ -390,3 +390,61 @@ def test_trainable_encoder_with_network_jvp_matches_finite_differences(tiny_net)
   scale = np.max(np.abs(d))
   np.testing.assert_allclose(d, fd, rtol=0, atol=1e-3 * scale)
   np.testing.assert_allclose(d, product_rule, rtol=1e-5, atol=1e-6 * scale)
+
+
+@pytest.mark.parametrize("num_steps", [1000, 10_000])
+def test_t_step_weight_matches_float64(num_steps):
+  # With x = 0 the non-trainable encoder's offsets vanish; with d_hat = 0 (model_shift=False), eps = 1 and
+  # eps_hat = 0 the T-step loss is T/2 expm1(gamma_t - gamma_s) D, exactly T/2 expm1((g1 - g0) / T) for
+  # the linear schedule (reference: float64), on every step i = 1..T. A weight from float32 t, s and
+  # two float32 gammas is off by 3.0e-5 (T = 1000) and 3.0e-4 (T = 10^4) relatively under jit.
+  T = num_steps
+  t = (jnp.arange(T, dtype=jnp.float32) + 0.5) / T
+  loss = jax.jit(lambda t: diffenc.diffusion_loss(
+      jnp.zeros((T, 1)), t, jnp.ones((T, 1)), schedule=schedules.linear(),
+      encoder=diffenc.nontrainable_encoder(), eps_fn=lambda z, t: jnp.zeros_like(z), num_steps=T,
+      model_shift=False))(t)
+  ref = 0.5 * T * np.expm1((schedules.GAMMA_MAX - schedules.GAMMA_MIN) / T)
+  err = np.max(np.abs(np.asarray(loss, np.float64) / ref - 1.0))
+  assert err < 1e-6, err
+
+
+def _tiny_family(encoder_kind):
+  from vdiff import models
+  return models.DiffEncFamily(
+      encoder_kind=encoder_kind, encoder_kwargs=dict(ch=4, ch_mult=(1,), num_res_blocks=1,
+                                                     attn_resolutions=(), num_groups=2),
+      data_shape=(4, 4, 1), num_levels=17, schedule=models.ScheduleSpec("linear"),
+      score_kwargs=dict(ch=4, num_blocks=1, dropout=0.0, attention=False, num_groups=2))
+
+
+@pytest.mark.parametrize("encoder_kind", ["identity", "nontrainable", "trainable"])
+def test_family_sample_gives_every_sampler_the_encoder_shift(encoder_kind, monkeypatch):
+  # DiffEncFamily.sample must call each sampler with encoder_shift=True (identity encoder: False) and
+  # clip_x0 only where given; every sampler is supported, and a sampler the family does not know, or
+  # clip_x0 for a sampler that never clips, is refused by name before any sampling work (params=None).
+  # The samplers are replaced by recorders (their maths is tested in test_samplers.py).
+  from vdiff import samplers
+  calls = {}
+  for fn_name in ("vdm_ancestral", "ddpm", "ddim", "probability_flow_sample"):
+    monkeypatch.setattr(samplers, fn_name, lambda *a, _n=fn_name, **kw: calls.setdefault(_n, kw))
+  fam = _tiny_family(encoder_kind)
+  fam.schedule = lambda params: schedules.linear()       # params=None: nothing is initialised
+  fam.guided_eps_fn = lambda params, label, w: (lambda z, t: z)
+  assert fam.supported_samplers == ("vdm_ancestral", "ddpm", "ddim", "ode")
+  rng = jax.random.PRNGKey(1)
+  for name in fam.supported_samplers:
+    fam.sample(None, rng, 3, num_steps=4, sampler=name)
+  assert sorted(calls) == ["ddim", "ddpm", "probability_flow_sample", "vdm_ancestral"]
+  for kw in calls.values():
+    assert kw["encoder_shift"] is (encoder_kind != "identity") and kw["num_levels"] == 17
+    assert "clip_x0" not in kw                           # None: the sampler's own default
+  calls.clear()
+  fam.sample(None, rng, 3, num_steps=4, sampler="ddim", clip_x0=True)
+  assert calls["ddim"]["clip_x0"] is True
+  with pytest.raises(ValueError, match="sample.sampler='euler' is not supported"):
+    fam.sample(None, rng, 3, sampler="euler")
+  with pytest.raises(ValueError, match="sample.clip_x0=True applies to the samplers"):
+    fam.sample(None, rng, 3, sampler="vdm_ancestral", clip_x0=True)
+  with pytest.raises(ValueError, match="sample.clip_x0 must be None"):
+    fam.sample(None, rng, 3, sampler="ddpm", clip_x0="yes")

@@ -95,3 +95,26 @@ def unit_times(t, name: str, *, batch: int):
     if a.size and (a.min() < 0 or a.max() > 1):
       raise ValueError(f"{name} must hold times in [0, 1], got values in [{a.min()}, {a.max()}].")
   return jnp.broadcast_to(t, (batch,))
+
+
+def times(t, name: str, *, batch_size: int):
+  """t must be floating-point times of shape [batch_size] in [0, 1].
+
+  The dtype and shape are checked always (trace time); the values (finite, within [0, 1]) only when t is
+  concrete, i.e. eagerly. Under jit a NaN time gives a NaN loss (it propagates, never a finite value).
+  """
+  if not hasattr(t, "shape") or not hasattr(t, "dtype"):
+    t = np.asarray(t)
+  if not jnp.issubdtype(t.dtype, jnp.floating):
+    raise TypeError(f"{name} must hold floating-point times in [0, 1], got dtype {t.dtype} (integer times "
+                    "would only select the ends of the interval).")
+  if tuple(t.shape) != (batch_size,):
+    raise ValueError(f"{name} must have shape [B] = ({batch_size},), one time per example, got shape "
+                     f"{tuple(t.shape)}.")
+  if is_concrete(t):
+    a = np.asarray(t)
+    if not np.all(np.isfinite(a)):
+      raise ValueError(f"{name} holds NaN or Inf values; times must lie in [0, 1].")
+    if a.size and (a.min() < 0 or a.max() > 1):
+      raise ValueError(f"{name} must lie in [0, 1], got values in [{a.min()}, {a.max()}].")
+  return t

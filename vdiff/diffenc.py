@@ -67,6 +67,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from vdiff import checks
 from vdiff import schedules as schedules_lib
 from vdiff import vdm
 
@@ -205,8 +206,8 @@ def diffusion_loss(x: Array, t: Array, eps: Array, *, schedule: schedules_lib.Sc
   Here z_t = alpha_t x_t + sigma_t eps with x_t = encoder(x, gamma_t), and x_hat predicts x_t.
 
   Args:
-    x: [B, ...] data. t: [B] times in [0, 1). eps: [B, ...] noise.
-    schedule: the noise schedule. encoder: enc(x, gamma) -> x_t.
+    x: [B, ...] data. t: [B] floating-point times in [0, 1] (eagerly checked; see `vdm.diffusion_loss`).
+    eps: [B, ...] noise. schedule: the noise schedule. encoder: enc(x, gamma) -> x_t.
     eps_fn: denoiser eps_fn(z, t) -> eps_hat (eps- or v-network through `vdm.make_eps_fn`), or
     x_hat_fn: x_hat_fn(z, t) -> x_hat, a direct prediction of x_t (pass exactly one).
     num_steps: T, or None for T = infinity.
@@ -215,14 +216,15 @@ def diffusion_loss(x: Array, t: Array, eps: Array, *, schedule: schedules_lib.Sc
     [B] loss in nats.
   """
   chex.assert_equal_shape([x, eps])
-  chex.assert_shape(t, (x.shape[0],))
+  checks.times(t, "t", batch_size=x.shape[0])
   enc = as_encoder(encoder)
   shift = 1.0 if model_shift else 0.0
   if num_steps is None:
     gamma_t, dgamma = schedule.gamma_and_dgamma(t)
     offset, doffset = encoder_and_derivative(enc.offset, x, gamma_t)  # d x_t/dgamma = d offset/dgamma
   else:
-    t, s = vdm.discretize_times(t, num_steps)
+    i = vdm.step_indices(t, num_steps)
+    t, s = i / num_steps, (i - 1.0) / num_steps
     gamma_t, gamma_s = schedule.gamma(t), schedule.gamma(s)
     offset = enc.offset(x, gamma_t)
   g = vdm.bcast(gamma_t, x)
@@ -236,7 +238,7 @@ def diffusion_loss(x: Array, t: Array, eps: Array, *, schedule: schedules_lib.Sc
     resid = (eps - eps_hat) + sqrt_snr * doffset + shift * sigma * alpha_x_hat
     weight = 0.5 * dgamma
   else:
-    delta = schedule.gamma_difference(t, s)  # exact for the linear schedule (Schedule.gamma_difference)
+    delta = schedule.gamma_difference(i, num_steps)  # from (i, T): exact for the linear schedule
     db = vdm.bcast(delta, x)
     x_diff = enc.offset(x, gamma_s) - offset  # x_s - x_t, from offsets (see module numerics note)
     # u = SNR_t^(1/2)(x_s - x_t) + Delta SNR_t^(1/2) d_hat,  SNR^(1/2) d_hat = -sigma alpha x_hat.

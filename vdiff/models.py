@@ -102,28 +102,61 @@ class Family:
       labels = drop_labels(rng, labels, p_uncond=self.p_uncond, null_label=self.num_labels)
     return labels
 
+  SAMPLERS = ("vdm_ancestral", "ddpm", "ddim", "ode")
+  CLIPPING_SAMPLERS = ("ddpm", "ddim")   # the samplers that take clip_x0
+
+  @property
+  def supported_samplers(self) -> tuple[str, ...]:
+    """The `sample.sampler` values this family can sample with (checked before any sampling or training).
+
+    Every sampler takes the family's denoiser and schedule; DiffEnc's encoder shift reaches all of them
+    through `sampler_extras` (see `vdiff.samplers`).
+    """
+    return self.SAMPLERS
+
+  def check_sample_args(self, sampler: str, clip_x0=None) -> None:
+    """Refuse a sampler this family does not support, or clip_x0 for a sampler without clipping."""
+    if sampler not in self.supported_samplers:
+      raise ValueError(f"sample.sampler={sampler!r} is not supported by the "
+                       f"{getattr(self, 'family_name', type(self).__name__)!r} family; "
+                       f"expected one of {self.supported_samplers}.")
+    if clip_x0 is not None:
+      if not isinstance(clip_x0, (bool, np.bool_)):
+        raise ValueError(f"sample.clip_x0 must be None (the sampler's default), True or False, got "
+                         f"{clip_x0!r}.")
+      if sampler not in self.CLIPPING_SAMPLERS:
+        raise ValueError(f"sample.clip_x0={clip_x0} applies to the samplers {self.CLIPPING_SAMPLERS}, not "
+                         f"to {sampler!r} (the model's own generative process never clips); leave it None.")
+
   def sample(self, params, rng, num: int, *, num_steps: int = 256, label=None, guidance_weight=0.0,
-             sampler: str = "vdm_ancestral", eta: float = 0.0):
-    """Integer samples [num, H, W, C] from the model's denoiser with the named sampler."""
+             sampler: str = "vdm_ancestral", eta: float = 0.0, clip_x0: bool | None = None):
+    """Integer samples [num, H, W, C] from the model's denoiser with the named sampler.
+
+    clip_x0: clip x0_hat to [-1, 1] in `ddpm` / `ddim`; None keeps each sampler's own default (DDPM
+    clips, DDIM does not). The sampler and clip_x0 are checked before any sampling work.
+    """
     from vdiff import samplers  # pylint: disable=g-import-not-at-top
+    self.check_sample_args(sampler, clip_x0)
     shape = (num,) + self.data_shape
+    clip = {} if clip_x0 is None else {"clip_x0": bool(clip_x0)}
+    extras = self.sampler_extras()
     eps_fn = self.guided_eps_fn(params, label, guidance_weight)
     schedule = self.schedule(params)
     if sampler == "vdm_ancestral":
       return samplers.vdm_ancestral(rng, eps_fn, schedule, shape, num_steps=num_steps,
-                                    num_levels=self.num_levels, **self.sampler_extras())
+                                    num_levels=self.num_levels, **extras)
     if sampler == "ddpm":
       return samplers.ddpm(rng, eps_fn, schedule, shape, num_steps=num_steps,
-                           num_levels=self.num_levels)
+                           num_levels=self.num_levels, **clip, **extras)
     if sampler == "ddim":
       return samplers.ddim(rng, eps_fn, schedule, shape, num_steps=num_steps, eta=eta,
-                           grid_steps=max(self.grid_steps, num_steps), num_levels=self.num_levels)
-    if sampler == "ode":
-      return samplers.probability_flow_sample(rng, eps_fn, schedule, shape,
-                                              num_levels=self.num_levels)
-    raise ValueError(f"unknown sample.sampler {sampler!r}; expected vdm_ancestral, ddpm, ddim or ode.")
+                           grid_steps=max(self.grid_steps, num_steps), num_levels=self.num_levels,
+                           **clip, **extras)
+    return samplers.probability_flow_sample(rng, eps_fn, schedule, shape,
+                                            num_levels=self.num_levels, **extras)
 
   def sampler_extras(self) -> dict:
+    """Keyword arguments every sampler receives from this family (DiffEnc: the encoder shift)."""
     return {}
 
   supports_ode = True  # the probability-flow ODE applies to the model's denoiser and schedule
@@ -265,6 +298,7 @@ class DiffEncFamily(VDMFamily):
         gamma_max=self.schedule_spec.gamma_max))
 
   def sampler_extras(self) -> dict:
+    # Every sampler (vdm_ancestral, ddpm, ddim, ode) models the encoder's mean shift.
     return {"encoder_shift": self.encoder_kind != "identity"}
 
   @property

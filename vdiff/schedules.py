@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -80,13 +80,17 @@ class Schedule:
   Attributes:
     gamma_fn: pure, differentiable map from t (any shape, values in [0, 1]) to gamma(t), same shape.
     name: a label for logs.
-    difference_fn: optional (t, s) -> gamma(t) - gamma(s) computed without forming the two gammas, for
-      schedules where that is possible (see `gamma_difference`); None falls back to the subtraction.
+    difference_fn: optional (i, num_steps) -> gamma(i / T) - gamma((i - 1) / T) computed from the step
+      index and T without forming the two gammas, for schedules where that is possible (see
+      `gamma_difference`); None falls back to the subtraction.
+    grid_fn: optional num_steps -> `DiscreteGrid` (or None) for schedules that are defined by a discrete
+      grid (DDPM's betas): the grid computed in float64 from its own parameters (see `discrete_grid`).
   """
 
   gamma_fn: Callable[[Array], Array]
   name: str = "custom"
-  difference_fn: Callable[[Array, Array], Array] | None = None
+  difference_fn: Callable[[Array, int], Array] | None = None
+  grid_fn: Callable[[int], "DiscreteGrid | None"] | None = None
 
   def gamma(self, t: Array) -> Array:
     """gamma(t) = -log SNR(t), same shape as t."""
@@ -121,20 +125,28 @@ class Schedule:
     """gamma'(t) = d gamma / dt."""
     return self.gamma_and_dgamma(t)[1]
 
-  def gamma_difference(self, t: Array, s: Array) -> Array:
-    """gamma(t) - gamma(s), elementwise (t and s broadcast).
+  def gamma_difference(self, i: Array, num_steps: int) -> Array:
+    """gamma(i / T) - gamma((i - 1) / T) for step indices i in {1..T} of the T-step grid (any shape).
 
-    The T-step losses and the ancestral samplers weight each step by expm1(gamma(t) - gamma(s)) with
-    t - s = 1/T. Subtracting two float32 gammas near gamma_min = -13.3 loses about ulp(13) ~ 1e-6 of an
-    increment of size (gamma_max - gamma_min) / T ~ 0.018 at T = 1000, a relative error of ~5e-5 in
-    the weight. Schedules with a closed-form difference (`linear`: (gamma_max - gamma_min)(t - s), where
-    t - s is exact in float32 for s in [t/2, t] by Sterbenz's lemma) supply `difference_fn`.
+    The T-step losses and the ancestral samplers weight each step by expm1(gamma_t - gamma_s) with
+    t = i / T, s = (i - 1) / T. Forming t and s in float32 first already rounds each by ~6e-8, an
+    error of ~6e-8 T relative to the increment t - s = 1 / T (6e-5 at T = 1000, 6e-4 at T = 10^4),
+    and subtracting two float32 gammas near gamma_min = -13.3 adds ~ulp(13) / increment. So the
+    difference is computed from the integers (i, T): schedules with a closed form supply
+    `difference_fn` (`linear`: exactly (gamma_max - gamma_min) / T; `cosine`: 4 atanh of a ratio of
+    sines; DDPM's betas: the float64 grid), the others fall back to the float32 subtraction.
+
+    Args:
+      i: step indices in {1..T}, integer or float32 holding integers (exact up to 2^24), any shape.
+      num_steps: T, a Python int.
+    Returns:
+      float32 array of the shape of i.
     """
-    t = jnp.asarray(t, jnp.float32)
-    s = jnp.asarray(s, jnp.float32)
+    num_steps = int(num_steps)
+    i = jnp.asarray(i, jnp.float32)
     if self.difference_fn is not None:
-      return self.difference_fn(t, s)
-    return self.gamma(t) - self.gamma(s)
+      return jnp.asarray(self.difference_fn(i, num_steps), jnp.float32)
+    return self.gamma(i / num_steps) - self.gamma((i - 1.0) / num_steps)
 
   def endpoints(self) -> tuple[Array, Array]:
     """(gamma(0), gamma(1))."""
@@ -148,6 +160,58 @@ class Schedule:
     """
     t = jnp.arange(1, num_steps + 1, dtype=jnp.float32) / num_steps
     return jnp.concatenate([jnp.ones((1,), jnp.float32), self.alpha2(t)])
+
+  def discrete_grid(self, num_steps: int) -> "DiscreteGrid":
+    """The T-step DDPM grid of this schedule (t = i / T, abar_0 := 1), to float32 round-off.
+
+    Schedules defined by a discrete grid (`ddpm_linear_beta` at its own T) return their float64 grid
+    rounded once to float32. Otherwise, from gamma_i = gamma(i / T) and the cancellation-free
+    increments Delta_i = `gamma_difference(i, T)`:
+
+        1 - abar_i = sigmoid(gamma_i),   log abar_i = log_sigmoid(-gamma_i),
+        abar_i / abar_{i-1} = (1 + e^gamma_{i-1}) / (1 + e^gamma_i) = 1 / (1 + sigma_{i-1}^2 expm1(Delta_i)),
+        beta_i = 1 - abar_i / abar_{i-1} = sigma_{i-1}^2 expm1(Delta_i) / (1 + sigma_{i-1}^2 expm1(Delta_i)),
+
+    for i >= 2 and beta_1 = 1 - abar_1. Forming beta_i instead from log abar_i - log abar_{i-1} (two
+    float32 numbers near -10 whose difference is -0.02 at the end of DDPM's grid) loses ~1e-4 relatively.
+    """
+    num_steps = int(num_steps)
+    if num_steps < 1:
+      raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
+    if self.grid_fn is not None:
+      grid = self.grid_fn(num_steps)
+      if grid is not None:
+        return grid
+    i = jnp.arange(1, num_steps + 1, dtype=jnp.float32)
+    gamma = self.gamma(i / num_steps)
+    delta = self.gamma_difference(i[1:], num_steps)
+    e = sigma2_from_gamma(gamma[:-1]) * jnp.expm1(delta)    # abar_{i-1} / abar_i - 1 >= 0
+    log_ratio = jnp.concatenate([jax.nn.log_sigmoid(-gamma[:1]), -jnp.log1p(e)])
+    beta = jnp.concatenate([sigma2_from_gamma(gamma[:1]), e / (1.0 + e)])
+    return _grid_with_origin(log_abar=jax.nn.log_sigmoid(-gamma), one_minus_abar=sigma2_from_gamma(gamma),
+                             gamma=gamma, beta=beta, log_one_minus_beta=log_ratio)
+
+
+class DiscreteGrid(NamedTuple):
+  """A T-step DDPM grid, every field a float32 array [T + 1] indexed by the step i = 0..T (t = i / T).
+
+  Index 0 is clean data, abar_0 := 1: log_abar = 0, one_minus_abar = 0, gamma = -inf; beta and
+  log_one_minus_beta are 0 there (they belong to the steps i = 1..T, beta_i = 1 - abar_i / abar_{i-1}).
+  """
+
+  log_abar: Array
+  one_minus_abar: Array
+  gamma: Array
+  beta: Array
+  log_one_minus_beta: Array
+
+
+def _grid_with_origin(**fields) -> DiscreteGrid:
+  """DiscreteGrid from the steps i = 1..T ([T] arrays), prepending the clean-data entry i = 0."""
+  origin = {"log_abar": 0.0, "one_minus_abar": 0.0, "gamma": -np.inf, "beta": 0.0,
+            "log_one_minus_beta": 0.0}
+  return DiscreteGrid(**{k: jnp.concatenate([jnp.full((1,), origin[k], jnp.float32),
+                                             jnp.asarray(v, jnp.float32)]) for k, v in fields.items()})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -166,8 +230,10 @@ def linear(*, gamma_min: float = GAMMA_MIN, gamma_max: float = GAMMA_MAX) -> Sch
   """gamma(t) = gamma_min + (gamma_max - gamma_min) t  (VDM's fixed schedule, arXiv:2107.00630)."""
   _check_endpoints(gamma_min, gamma_max)
   g0, g1 = float(gamma_min), float(gamma_max)
+  # gamma(i / T) - gamma((i - 1) / T) = (g1 - g0) / T exactly: one float64 division, rounded once.
   return Schedule(lambda t: g0 + (g1 - g0) * t, name="linear",
-                  difference_fn=lambda t, s: (g1 - g0) * (t - s))
+                  difference_fn=lambda i, num_steps: jnp.full(jnp.shape(i), (g1 - g0) / num_steps,
+                                                              jnp.float32))
 
 
 def cosine(*, gamma_min: float = GAMMA_MIN, gamma_max: float = GAMMA_MAX) -> Schedule:
@@ -185,7 +251,21 @@ def cosine(*, gamma_min: float = GAMMA_MIN, gamma_max: float = GAMMA_MAX) -> Sch
     u = u0 + (u1 - u0) * t
     return 2.0 * jnp.log(jnp.tan(0.5 * math.pi * u))
 
-  return Schedule(gamma_fn, name="cosine")
+  def difference_fn(i, num_steps):
+    # With a = pi u_t / 2, b = pi u_s / 2: gamma_t - gamma_s = 2 log(tan a / tan b)
+    #   = 2 log((sin(a + b) + sin(a - b)) / (sin(a + b) - sin(a - b))) = 4 atanh(sin(a - b) / sin(a + b)).
+    # a - b = pi (u1 - u0) / (2T) is a float64 constant; a + b = (pi / 2) w with
+    # w = u_t + u_s = 2 u0 + (u1 - u0)(2i - 1) / T in (0, 2). Where w > 1, sin((pi / 2) w) is evaluated
+    # as sin((pi / 2)(2 - w)) with 2 - w = 2 (1 - u1) + (u1 - u0)(2 (T - i) + 1) / T, so neither branch
+    # rounds a number near pi before taking a small sine.
+    du = (u1 - u0) / num_steps
+    num = math.sin(0.5 * math.pi * du)
+    w_lo = 2.0 * u0 + du * (2.0 * i - 1.0)
+    w_hi = 2.0 * (1.0 - u1) + du * (2.0 * (num_steps - i) + 1.0)
+    den = jnp.sin(0.5 * math.pi * jnp.where(w_lo <= 1.0, w_lo, w_hi))
+    return 4.0 * jnp.arctanh(num / den)
+
+  return Schedule(gamma_fn, name="cosine", difference_fn=difference_fn)
 
 
 def ddpm_linear_beta(*, beta_start: float = 1e-4, beta_end: float = 0.02,
@@ -210,13 +290,28 @@ def ddpm_linear_beta(*, beta_start: float = 1e-4, beta_end: float = 0.02,
   g_first = 2 * gammas[0] - gammas[1]
   knots_t = np.arange(0, num_steps + 1, dtype=np.float64) / num_steps
   knots_g = np.concatenate([[g_first], gammas])
+  # The grid and its increments in float64, rounded once to float32 (the samplers' betas and the T-step
+  # weights then carry float32 round-off only, not the cancellation of two float32 gammas).
+  grid64 = dict(log_abar=log_abar, one_minus_abar=-np.expm1(log_abar), gamma=gammas, beta=betas,
+                log_one_minus_beta=np.log1p(-betas))
+  increments = np.diff(knots_g)            # gamma_i - gamma_{i-1}, i = 1..T (i = 1 against g_first)
   knots_t = jnp.asarray(knots_t, jnp.float32)
   knots_g = jnp.asarray(knots_g, jnp.float32)
+  increments32 = jnp.asarray(np.concatenate([[0.0], increments]), jnp.float32)
 
   def gamma_fn(t):
     return jnp.interp(t, knots_t, knots_g)
 
-  return Schedule(gamma_fn, name=f"ddpm_linear_beta_{num_steps}")
+  def difference_fn(i, grid_steps):
+    if grid_steps == num_steps:
+      return increments32[jnp.clip(i, 1, num_steps).astype(jnp.int32)]
+    return gamma_fn(i / grid_steps) - gamma_fn((i - 1.0) / grid_steps)
+
+  def grid_fn(grid_steps):
+    return _grid_with_origin(**grid64) if grid_steps == num_steps else None
+
+  return Schedule(gamma_fn, name=f"ddpm_linear_beta_{num_steps}", difference_fn=difference_fn,
+                  grid_fn=grid_fn)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -333,8 +428,8 @@ def from_module(module: nn.Module, params) -> Schedule:
   """Bind a learned schedule module (a flax module mapping t -> gamma) to its parameters."""
   difference_fn = None
   if isinstance(module, LearnedScalarGamma):
-    # gamma(t) - gamma(s) = |w| (t - s): exact in t - s, differentiable in w.
-    difference_fn = lambda t, s: jnp.abs(params["w"]) * (t - s)
+    # gamma(i / T) - gamma((i - 1) / T) = |w| / T: no rounding of t and s, differentiable in w.
+    difference_fn = lambda i, num_steps: jnp.abs(params["w"]) / num_steps * jnp.ones_like(i)
   return Schedule(lambda t: module.apply({"params": params}, t), name=type(module).__name__,
                   difference_fn=difference_fn)
 

@@ -496,7 +496,8 @@ def make_sample_fn(model, sample_cfg):
   """(params, rng, label) -> integer samples, jitted once for the config's sampler settings."""
   s = sample_cfg
   return jax.jit(functools.partial(model.sample, num=s.num_samples, num_steps=s.num_steps,
-                                   sampler=s.sampler, eta=s.eta, guidance_weight=s.guidance_weight))
+                                   sampler=s.sampler, eta=s.eta, guidance_weight=s.guidance_weight,
+                                   clip_x0=s.get("clip_x0")))
 
 
 def _sample_and_save(model, params, config, workdir, step, rng, *, sample_fn=None):

@@ -152,9 +152,17 @@ def reconstruction_loss(eps: Array, x: Array, gamma_0: Array, *, num_levels: int
   return -_sum_per_example(logp_x)
 
 
+def step_indices(t: Array, num_steps: int) -> Array:
+  """The step i = floor(t T) + 1 in {1..T} of times t in [0, 1] (t = 1 is the last step, i = T), float32.
+
+  float32 holds these integers exactly (T <= 2^24); `Schedule.gamma_difference(i, T)` takes them.
+  """
+  return jnp.clip(jnp.floor(t * num_steps) + 1.0, 1.0, float(num_steps))
+
+
 def discretize_times(t: Array, num_steps: int) -> tuple[Array, Array]:
-  """Map t in [0, 1) to the T-step grid: t_i = i / T with i = floor(t T) + 1 in {1..T}, s = (i - 1) / T."""
-  i = jnp.floor(t * num_steps) + 1.0
+  """Map t in [0, 1] to the T-step grid: t_i = i / T with i = `step_indices(t, T)`, s = (i - 1) / T."""
+  i = step_indices(t, num_steps)
   return i / num_steps, (i - 1.0) / num_steps
 
 
@@ -167,22 +175,26 @@ def diffusion_loss(x: Array, t: Array, eps: Array, *, schedule: schedules_lib.Sc
   weight accurate when gamma_t - gamma_s is small (large T), where exp(.) - 1 would cancel.
 
   Args:
-    x: [B, ...] data. t: [B] times in [0, 1). eps: [B, ...] noise.
-    schedule: the noise schedule. eps_fn: the denoiser. num_steps: T, or None for T = infinity.
+    x: [B, ...] data. t: [B] floating-point times in [0, 1] (t = 1 is the last step i = T); integer
+      dtypes are refused, and eagerly NaN or out-of-range values too (under jit a NaN t gives NaN).
+    eps: [B, ...] noise. schedule: the noise schedule. eps_fn: the denoiser.
+    num_steps: T, or None for T = infinity.
   """
   checks.batch(x, "x")
   chex.assert_equal_shape([x, eps])
-  chex.assert_shape(t, (x.shape[0],))
+  checks.times(t, "t", batch_size=x.shape[0])
   if num_steps is not None:
     checks.positive_int(num_steps, "num_steps")
   if num_steps is None:
     gamma_t, dgamma = schedule.gamma_and_dgamma(t)
     weight = 0.5 * dgamma
   else:
-    t, s = discretize_times(t, num_steps)
+    i = step_indices(t, num_steps)
+    t = i / num_steps
     gamma_t = schedule.gamma(t)
-    # gamma_difference: exact for the linear schedule, not a difference of two float32 gammas near -13.
-    weight = 0.5 * num_steps * jnp.expm1(schedule.gamma_difference(t, s))
+    # gamma_t - gamma_s from (i, T): exact for the linear schedule, not a difference of two float32
+    # gammas near -13 at two float32-rounded times (see Schedule.gamma_difference).
+    weight = 0.5 * num_steps * jnp.expm1(schedule.gamma_difference(i, num_steps))
   g = bcast(gamma_t, x)
   z = schedules_lib.alpha_from_gamma(g) * x + schedules_lib.sigma_from_gamma(g) * eps
   eps_hat = eps_fn(z, t)
@@ -199,7 +211,9 @@ def negative_elbo(rng: Array, x: Array, *, schedule: schedules_lib.Schedule, eps
   Args:
     rng: PRNG key. x: [B, ...] encoded K-level data. schedule, eps_fn: the model.
     num_levels: K. num_steps: T (None = continuous time). antithetic: stratified t over the batch.
-    t: optional [B] times (overrides sampling; for stratification over a larger global batch).
+    t: optional [B] floating-point times in [0, 1] (overrides sampling; for stratification over a larger
+      global batch). Integer dtypes are refused; NaN or out-of-range values eagerly (under jit a NaN t
+      gives a NaN -ELBO, never a finite number).
   Returns:
     (nelbo [B], {"prior": [B], "recon": [B], "diff": [B]}).
   """
@@ -210,6 +224,7 @@ def negative_elbo(rng: Array, x: Array, *, schedule: schedules_lib.Schedule, eps
   rng_t, rng_0, rng_e = jax.random.split(rng, 3)
   if t is None:
     t = sample_times(rng_t, x.shape[0], antithetic=antithetic)
+  checks.times(t, "t", batch_size=x.shape[0])
   gamma_0, gamma_1 = schedule.endpoints()
   prior = prior_loss(x, gamma_1)
   recon = reconstruction_loss(jax.random.normal(rng_0, x.shape), x, gamma_0, num_levels=num_levels)

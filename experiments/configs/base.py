@@ -102,6 +102,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   sm.sampler = "vdm_ancestral"  # vdm_ancestral | ddpm | ddim | ode
   sm.num_steps = 256
   sm.eta = 0.0
+  # ddpm / ddim: clip x0_hat to [-1, 1]; None = the sampler's own default (ddpm clips, ddim does not).
+  sm.clip_x0 = ml_collections.FieldReference(None, field_type=bool)
   sm.guidance_weight = 0.0
   sm.label = -1              # class to sample when conditional; -1 = unconditional
   sm.num_samples = 64
