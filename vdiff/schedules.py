@@ -82,11 +82,15 @@ class Schedule:
     name: a label for logs.
     difference_fn: optional (t, s) -> gamma(t) - gamma(s) computed without forming the two gammas, for
       schedules where that is possible (see `gamma_difference`); None falls back to the subtraction.
+    gamma_range: the nominal (gamma_min, gamma_max) as Python floats: the endpoints of a fixed
+      schedule, the initial endpoints of a learned one; None when the schedule does not know them.
+      Networks normalise gamma by it (`vdm.make_eps_fn`); it never changes during training.
   """
 
   gamma_fn: Callable[[Array], Array]
   name: str = "custom"
   difference_fn: Callable[[Array, Array], Array] | None = None
+  gamma_range: tuple[float, float] | None = None
 
   def gamma(self, t: Array) -> Array:
     """gamma(t) = -log SNR(t), same shape as t."""
@@ -167,7 +171,7 @@ def linear(*, gamma_min: float = GAMMA_MIN, gamma_max: float = GAMMA_MAX) -> Sch
   _check_endpoints(gamma_min, gamma_max)
   g0, g1 = float(gamma_min), float(gamma_max)
   return Schedule(lambda t: g0 + (g1 - g0) * t, name="linear",
-                  difference_fn=lambda t, s: (g1 - g0) * (t - s))
+                  difference_fn=lambda t, s: (g1 - g0) * (t - s), gamma_range=(g0, g1))
 
 
 def cosine(*, gamma_min: float = GAMMA_MIN, gamma_max: float = GAMMA_MAX) -> Schedule:
@@ -185,7 +189,7 @@ def cosine(*, gamma_min: float = GAMMA_MIN, gamma_max: float = GAMMA_MAX) -> Sch
     u = u0 + (u1 - u0) * t
     return 2.0 * jnp.log(jnp.tan(0.5 * math.pi * u))
 
-  return Schedule(gamma_fn, name="cosine")
+  return Schedule(gamma_fn, name="cosine", gamma_range=(float(gamma_min), float(gamma_max)))
 
 
 def ddpm_linear_beta(*, beta_start: float = 1e-4, beta_end: float = 0.02,
@@ -216,12 +220,15 @@ def ddpm_linear_beta(*, beta_start: float = 1e-4, beta_end: float = 0.02,
   def gamma_fn(t):
     return jnp.interp(t, knots_t, knots_g)
 
-  return Schedule(gamma_fn, name=f"ddpm_linear_beta_{num_steps}")
+  return Schedule(gamma_fn, name=f"ddpm_linear_beta_{num_steps}",
+                  gamma_range=(float(knots_g[0]), float(knots_g[-1])))
 
 
-def from_function(fn: Callable[[Array], Array], name: str = "custom") -> Schedule:
-  """Wrap any user function t -> gamma (elementwise, increasing, differentiable)."""
-  return Schedule(fn, name=name)
+def from_function(fn: Callable[[Array], Array], name: str = "custom", *,
+                  gamma_range: tuple[float, float] | None = None) -> Schedule:
+  """Wrap any user function t -> gamma (elementwise, increasing, differentiable); gamma_range: its
+  nominal (gamma(0), gamma(1)) if known (see `Schedule`)."""
+  return Schedule(fn, name=name, gamma_range=gamma_range)
 
 
 def from_module(module: nn.Module, params) -> Schedule:
@@ -230,8 +237,13 @@ def from_module(module: nn.Module, params) -> Schedule:
   if isinstance(module, LearnedScalarGamma):
     # gamma(t) - gamma(s) = |w| (t - s): exact in t - s, differentiable in w.
     difference_fn = lambda t, s: jnp.abs(params["w"]) * (t - s)
+  # The module's gamma_min / gamma_max fields are its initial endpoints: a fixed nominal range, so a
+  # network normalising gamma by it keeps its input scale while the endpoints learn.
+  gamma_range = None
+  if hasattr(module, "gamma_min") and hasattr(module, "gamma_max"):
+    gamma_range = (float(module.gamma_min), float(module.gamma_max))
   return Schedule(lambda t: module.apply({"params": params}, t), name=type(module).__name__,
-                  difference_fn=difference_fn)
+                  difference_fn=difference_fn, gamma_range=gamma_range)
 
 
 # ----------------------------------------------------------------------------------------------------
