@@ -47,7 +47,8 @@ class FamilyProtocol(Protocol):
   A family bundles its Flax modules, its loss and its likelihood estimator, and exposes pure functions of
   a parameter pytree. Given one, the trainer provides data parallelism, EMA parameters, checkpoints and
   resumption, evaluation with every estimator that applies (the family's native one and, where
-  `supports_ode`, the probability-flow ODE of docs/math.md sec. 5) and sampling with every sampler.
+  `supports_ode`, the probability-flow ODE likelihood of docs/math.md sec. 6) and sampling with every
+  sampler.
   Subclass `DenoiserFamily` for a denoiser trained on the VDM negative ELBO: it supplies every member
   below except `init`, `eps_fn` and `loss`.
 
