@@ -198,3 +198,15 @@ def test_example_trains_through_the_cli(tmp_path):
   assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[-1] == "40"
   assert any(f.endswith(".png") for f in os.listdir(workdir))  # sampled with the family's eps_fn
+
+
+def test_denoiser_family_without_its_three_methods_is_refused_at_construction():
+  """A subclass that omits init, eps_fn or loss fails when built, naming the missing methods."""
+
+  class Incomplete(models.DenoiserFamily):
+
+    def init(self, rng):
+      return {}
+
+  with pytest.raises(TypeError, match="eps_fn.*loss|loss.*eps_fn"):
+    Incomplete(data_shape=(8, 8, 1), num_levels=17)

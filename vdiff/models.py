@@ -18,6 +18,7 @@ map; a user's family is named in the config by an import path (`model.family =
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import importlib
 from typing import Any, Callable, Protocol, runtime_checkable
@@ -431,7 +432,7 @@ class CDMFamily(Family):
     return -cdm.one_step_log_density(self.logits_fn(params), y), None
 
 
-class DenoiserFamily(Family):
+class DenoiserFamily(Family, abc.ABC):
   """Base class for a user's family: a denoiser network on a VDM schedule, trained on the negative ELBO.
 
   A subclass writes three things (see examples/own_network.py):
@@ -483,16 +484,19 @@ class DenoiserFamily(Family):
   def schedule(self, params) -> schedules_lib.Schedule:
     return self.schedule_spec.bind(params.get("schedule", {}) if self.schedule_spec.learned else {})
 
+  # The three members a subclass writes; abstract, so that a family missing one is refused when it is
+  # constructed (TypeError naming the method), not at its first use inside a jitted step.
+  @abc.abstractmethod
   def init(self, rng) -> Params:
-    raise NotImplementedError(f"{type(self).__name__} must define init(self, rng) -> params.")
+    """A new parameter pytree: the network's parameters and {"schedule": self.schedule_spec.init(rng)}."""
 
+  @abc.abstractmethod
   def eps_fn(self, params, label=None, *, train: bool = False, rng=None):
-    raise NotImplementedError(f"{type(self).__name__} must define eps_fn(self, params, label=None, *, "
-                              "train=False, rng=None) -> eps_fn(z, t).")
+    """The network as a denoiser eps_fn(z, t) (usually through `vdm.make_eps_fn`)."""
 
+  @abc.abstractmethod
   def loss(self, params, rng, batch, *, train: bool = True):
-    raise NotImplementedError(f"{type(self).__name__} must define loss(self, params, rng, batch, *, "
-                              "train=True) -> (nats [B], terms), e.g. return self.negative_elbo(...).")
+    """(nats [B], terms): usually `return self.negative_elbo(params, rng, batch, train=train)`."""
 
   def negative_elbo(self, params, rng, batch, *, train: bool):
     """The VDM negative ELBO of the batch in nats, (nelbo [B], {prior, recon, diff: [B]}), with this
