@@ -85,12 +85,16 @@ class Schedule:
       `gamma_difference`); None falls back to the subtraction.
     grid_fn: optional num_steps -> `DiscreteGrid` (or None) for schedules that are defined by a discrete
       grid (DDPM's betas): the grid computed in float64 from its own parameters (see `discrete_grid`).
+    gamma_range: the nominal (gamma_min, gamma_max) as Python floats: the endpoints of a fixed
+      schedule, the initial endpoints of a learned one; None when the schedule does not know them.
+      Networks normalise gamma by it (`vdm.make_eps_fn`); it never changes during training.
   """
 
   gamma_fn: Callable[[Array], Array]
   name: str = "custom"
   difference_fn: Callable[[Array, int], Array] | None = None
   grid_fn: Callable[[int], "DiscreteGrid | None"] | None = None
+  gamma_range: tuple[float, float] | None = None
 
   def gamma(self, t: Array) -> Array:
     """gamma(t) = -log SNR(t), same shape as t."""
@@ -233,7 +237,8 @@ def linear(*, gamma_min: float = GAMMA_MIN, gamma_max: float = GAMMA_MAX) -> Sch
   # gamma(i / T) - gamma((i - 1) / T) = (g1 - g0) / T exactly: one float64 division, rounded once.
   return Schedule(lambda t: g0 + (g1 - g0) * t, name="linear",
                   difference_fn=lambda i, num_steps: jnp.full(jnp.shape(i), (g1 - g0) / num_steps,
-                                                              jnp.float32))
+                                                              jnp.float32),
+                  gamma_range=(g0, g1))
 
 
 def cosine(*, gamma_min: float = GAMMA_MIN, gamma_max: float = GAMMA_MAX) -> Schedule:
@@ -265,7 +270,8 @@ def cosine(*, gamma_min: float = GAMMA_MIN, gamma_max: float = GAMMA_MAX) -> Sch
     den = jnp.sin(0.5 * math.pi * jnp.where(w_lo <= 1.0, w_lo, w_hi))
     return 4.0 * jnp.arctanh(num / den)
 
-  return Schedule(gamma_fn, name="cosine", difference_fn=difference_fn)
+  return Schedule(gamma_fn, name="cosine", difference_fn=difference_fn,
+                  gamma_range=(float(gamma_min), float(gamma_max)))
 
 
 def ddpm_linear_beta(*, beta_start: float = 1e-4, beta_end: float = 0.02,
@@ -311,7 +317,7 @@ def ddpm_linear_beta(*, beta_start: float = 1e-4, beta_end: float = 0.02,
     return _grid_with_origin(**grid64) if grid_steps == num_steps else None
 
   return Schedule(gamma_fn, name=f"ddpm_linear_beta_{num_steps}", difference_fn=difference_fn,
-                  grid_fn=grid_fn)
+                  grid_fn=grid_fn, gamma_range=(float(knots_g[0]), float(knots_g[-1])))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -419,9 +425,11 @@ def from_alpha2_grid(alpha2, name: str = "grid") -> Schedule:
   return Schedule(gamma_fn, name=name)
 
 
-def from_function(fn: Callable[[Array], Array], name: str = "custom") -> Schedule:
-  """Wrap any user function t -> gamma (elementwise, increasing, differentiable)."""
-  return Schedule(fn, name=name)
+def from_function(fn: Callable[[Array], Array], name: str = "custom", *,
+                  gamma_range: tuple[float, float] | None = None) -> Schedule:
+  """Wrap any user function t -> gamma (elementwise, increasing, differentiable); gamma_range: its
+  nominal (gamma(0), gamma(1)) if known (see `Schedule`)."""
+  return Schedule(fn, name=name, gamma_range=gamma_range)
 
 
 def from_module(module: nn.Module, params) -> Schedule:
@@ -430,8 +438,13 @@ def from_module(module: nn.Module, params) -> Schedule:
   if isinstance(module, LearnedScalarGamma):
     # gamma(i / T) - gamma((i - 1) / T) = |w| / T: no rounding of t and s, differentiable in w.
     difference_fn = lambda i, num_steps: jnp.abs(params["w"]) / num_steps * jnp.ones_like(i)
+  # The module's gamma_min / gamma_max fields are its initial endpoints: a fixed nominal range, so a
+  # network normalising gamma by it keeps its input scale while the endpoints learn.
+  gamma_range = None
+  if hasattr(module, "gamma_min") and hasattr(module, "gamma_max"):
+    gamma_range = (float(module.gamma_min), float(module.gamma_max))
   return Schedule(lambda t: module.apply({"params": params}, t), name=type(module).__name__,
-                  difference_fn=difference_fn)
+                  difference_fn=difference_fn, gamma_range=gamma_range)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -573,8 +573,10 @@ def validate_config(config) -> None:
   if "schedule" in m and not m.schedule.gamma_min < m.schedule.gamma_max:
     errors.append(f"model.schedule.gamma_min ({m.schedule.gamma_min}) must be < "
                   f"model.schedule.gamma_max ({m.schedule.gamma_max})")
-  if m.family not in models.FAMILIES:
-    errors.append(f"model.family must be one of {sorted(models.FAMILIES)}, got {m.family!r}")
+  try:
+    models.resolve_family(m.family)  # a registered name or an importable "package.module:ClassName"
+  except ValueError as e:
+    errors.append(str(e).rstrip("."))
   e, smp = config.eval, config.sample
   if e.estimator not in ESTIMATORS:
     errors.append(f"eval.estimator must be one of {ESTIMATORS}, got {e.estimator!r}")

@@ -67,20 +67,47 @@ def x_from_v(z: Array, v: Array, alpha: Array, sigma: Array) -> Array:
 
 
 def make_eps_fn(apply_fn: Callable[[Array, Array], Array], schedule: schedules_lib.Schedule, *,
-                parameterization: str = "eps", gamma_min: float = schedules_lib.GAMMA_MIN,
-                gamma_max: float = schedules_lib.GAMMA_MAX) -> EpsFn:
+                parameterization: str = "eps", gamma_min: float | None = None,
+                gamma_max: float | None = None) -> EpsFn:
   """Turn a network apply_fn(z, g_norm) into a denoiser eps_fn(z, t).
 
-  The network is conditioned on the normalised gamma, g_norm = (gamma_t - gamma_min) / (gamma_max -
-  gamma_min), as in VDM; its output is read as eps (`parameterization="eps"`) or v (`"v"`).
+  The network is conditioned on the normalised gamma, as in VDM (arXiv:2107.00630, appendix B):
+
+      g_norm = (gamma_t - gamma_min) / (gamma_max - gamma_min),
+
+  which runs over [0, 1] as t does when [gamma_min, gamma_max] are the schedule's endpoints. By default
+  they are the schedule's nominal range `schedule.gamma_range` (the endpoints of `linear`, `cosine`,
+  `ddpm_linear_beta`; the initial endpoints of a learned schedule bound by `from_module`, so the input
+  scale stays fixed while the endpoints learn). A schedule that does not know its range (`from_function`
+  without gamma_range) uses its current endpoints gamma(0), gamma(1), without gradient. Pass both
+  explicitly to fix another range (the built-in families pass their config's gamma_min / gamma_max).
+  The network's output is read as eps (`parameterization="eps"`) or v (`"v"`, converted to eps).
+
+  Args:
+    apply_fn: (z [B, ...], g_norm [B]) -> [B, ...], the network.
+    schedule: the noise schedule gamma(t).
+    parameterization: "eps" or "v".
+    gamma_min, gamma_max: the normalisation range; both None (the default) or both given.
+  Returns:
+    eps_fn(z [B, ...], t [B] or scalar) -> eps_hat [B, ...].
   """
   if parameterization not in ("eps", "v"):
     raise ValueError(f"parameterization must be 'eps' or 'v', got {parameterization!r}.")
+  if (gamma_min is None) != (gamma_max is None):
+    raise ValueError("make_eps_fn: pass both gamma_min and gamma_max or neither (neither = the "
+                     f"schedule's own range); got gamma_min={gamma_min}, gamma_max={gamma_max}.")
+  if gamma_min is None:
+    gamma_min, gamma_max = getattr(schedule, "gamma_range", None) or (None, None)
 
   def eps_fn(z, t):
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), z.shape[:1])
     gamma = schedule.gamma(t)
-    out = apply_fn(z, (gamma - gamma_min) / (gamma_max - gamma_min))
+    if gamma_min is None:
+      # The schedule does not know its range: its current endpoints, as constants of the network input.
+      g0, g1 = jax.lax.stop_gradient(schedule.endpoints())
+    else:
+      g0, g1 = gamma_min, gamma_max
+    out = apply_fn(z, (gamma - g0) / (g1 - g0))
     if parameterization == "eps":
       return out
     g = bcast(gamma, z)

@@ -21,7 +21,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   d.random_flip = False
 
   c.model = m = ml_collections.ConfigDict()
-  m.family = "vdm"           # vdm | diffenc | cdm
+  m.family = "vdm"           # vdm | diffenc | cdm | a registered name | "package.module:ClassName"
   m.parameterization = "eps" # eps | v
   m.num_steps = 0            # T of the diffusion loss; 0 = continuous time
   m.antithetic = True        # stratified time sampling over the global batch
@@ -47,6 +47,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   e.num_res_blocks = 2
   e.attn_resolutions = ()
   e.num_groups = 32
+  # A user family's own hyperparameters (model.family = "package.module:ClassName", see
+  # vdiff.models.FamilyProtocol): declare them here in the family's config file; the command line can
+  # then override them (--config.model.options.KEY=VALUE) but, the config being locked, not add new ones.
+  m.options = ml_collections.ConfigDict()
   m.cdm = cd = ml_collections.ConfigDict()     # Classification Diffusion Models
   cd.num_steps = 1000        # T: classes 0..T+1
   cd.grid = "ddpm"           # ddpm | uniform | schedule: the class grid abar_0..abar_{T+1} (vdiff.cdm.class_grid)
