@@ -155,3 +155,13 @@ def test_missing_codec_library_is_left_out_by_default_and_an_error_when_asked(mo
   assert "jpegxl" not in out and "jpegls" not in out and "webp" in out and "png" in out
   with pytest.raises(ImportError, match="imagecodecs"):
     baselines.compress_all(images, 256, methods=("jpegxl",))
+
+
+def test_codec_baselines_command_prints_a_table_and_json(capsys):
+  from experiments import codec_baselines
+  doc = codec_baselines.main(["--data=digits", "--num-examples=20", "--methods=png,lzma"])
+  out = capsys.readouterr()
+  assert '"baselines"' in out.out and "| png |" in out.err and "| lzma |" in out.err
+  b = doc["baselines"]
+  assert b["num_images"] == 20 and b["num_dims"] == 64 and doc["data"]["num_levels"] == 17
+  assert b["png"]["bpd"] == pytest.approx(8.0 * b["png"]["bytes"] / (20 * 64), rel=1e-12)
