@@ -193,3 +193,17 @@ def test_training_config_forwards_the_patch_geometry():
   ds = train_lib.load_data(config, "train")
   assert ds.shape == (16, 16, 3) and ds.metadata["patch_stride"] == 16
   assert len(ds) == sum(_grid_count(p["shape"], 16, 16) for p in ds.metadata["photos"])
+
+
+@pytest.mark.parametrize("family", ["vdm", "diffenc", "cdm"])
+def test_photos_config_words_choose_the_family(family):
+  from experiments.configs import photos as photos_config
+  c = photos_config.get_config(f"{family},tiny")
+  assert c.model.family == family and c.data.name == "photos"
+  assert c.training.num_steps == 20  # `tiny` applies on top of the family
+  full = photos_config.get_config(family)
+  assert full.training.num_steps == photos_config.NUM_STEPS[family]
+  assert (full.model.encoder.kind == "trainable") == (family == "diffenc")
+  assert full.eval.estimator == ("cdm" if family == "cdm" else "elbo")
+  with pytest.raises(ValueError, match="family"):
+    photos_config.get_config("vdm,cdm")

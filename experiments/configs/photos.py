@@ -8,16 +8,23 @@ photos.
 
 Networks: the CIFAR-10 paper networks scaled down (the paper's in brackets), same architecture otherwise:
   vdm      score U-Net at full 32x32 resolution: 32 [128] channels, 2 [32] ResNet blocks down, 3 up,
-           attention in the middle block, no dropout [0.1]; learned scalar gamma in [-13.3, 5].
-           (see vdm_cifar10.py)
-  diffenc  the same score network, v-prediction, fixed linear gamma in [-13.3, 5] (as diffenc_cifar10.py),
-           and a trainable encoder U-Net 16 [128] channels x (1, 2, 2), 1 [2] ResNet block per level,
-           no attention [at 8x8].
-  cdm      the noise-level classifier U-Net 32 [128] channels x (1, 2, 2) [(1, 2, 2, 2)], 1 [2] ResNet
+           attention in the middle block, no dropout [0.1]; learned scalar gamma in [-13.3, 5]
+           (vdm_cifar10.py). 223,653 parameters [~32M].
+  diffenc  the same score network, v-prediction, fixed linear gamma in [-13.3, 5] (diffenc_cifar10.py),
+           and a trainable encoder U-Net of 16 [128] channels x (1, 2) [(1, 2, 2)], 1 [2] ResNet block
+           per level, no attention [at 8x8]: 223,651 + 164,563 parameters.
+  cdm      the noise-level classifier U-Net of 32 [128] channels x (1, 2, 2) [(1, 2, 2, 2)], 1 [2] ResNet
            block per level, attention at 8x8 [16x16], no dropout [0.1], T = 1000 DDPM betas, w_ce = 1e-3
-           (the paper's, tuned for D = 3072 = 32 * 32 * 3, this data's D). (see cdm_cifar10.py)
-Optimiser for all: Adam(W) 1e-3 after 200 warm-up steps, batch 32, EMA 0.999; the step budgets give about
-an hour each at the seconds/step measured on the 2-core CPU (README, "Photos benchmark").
+           (the paper's, tuned for D = 3072 = 32 * 32 * 3, this data's D) (cdm_cifar10.py). 1,056,234
+           parameters; it downsamples, so a step costs about as much as VDM's (below).
+Optimiser for all: Adam(W) 1e-3 after 200 warm-up steps, batch 32, EMA 0.999.
+
+Step budgets (NUM_STEPS = 1600, 900, 1250): one hour of process CPU time at the CPU seconds per step
+measured with real batches on the 2-core CPU (vdm 2.20, diffenc 3.87, cdm 2.86 CPU s/step, medians over
+11-17 steps after compilation). A run that gets one core's worth of time takes about an hour; an idle
+2-core machine is faster (XLA runs a step on both cores), a busier one slower: the machine they were
+measured on was shared (load average ~13), and there a step took 9.4 (vdm), 14.3 (diffenc) and 9.0 (cdm)
+seconds of wall-clock time, and compiling took 77, 245 and 154 s.
 
   python -m experiments.main --config=experiments/configs/photos.py:vdm --workdir=/tmp/photos/vdm
   python -m experiments.main --config=experiments/configs/photos.py:diffenc --workdir=/tmp/photos/diffenc
@@ -62,7 +69,9 @@ def get_config(arg: str | None = None):
   elif family == "diffenc":
     c.model.parameterization = "v"
     c.model.schedule.update(kind="linear", gamma_min=-13.3, gamma_max=5.0)
-    c.model.encoder.update(kind="trainable", ch=16, ch_mult=(1, 2, 2), num_res_blocks=1,
+    # The encoder is the smaller network, as in DiffEnc: 165k parameters beside the score network's
+    # 224k (ch_mult (1, 2, 2) would be 268k and made a step 1.6x slower than VDM's).
+    c.model.encoder.update(kind="trainable", ch=16, ch_mult=(1, 2), num_res_blocks=1,
                            attn_resolutions=(), num_groups=8)
   else:
     c.model.cdm.update(num_steps=1000, beta_start=1e-4, beta_end=0.02, w_ce=1e-3, ch=32,
@@ -78,5 +87,5 @@ def get_config(arg: str | None = None):
   return base.apply_words(c, words)
 
 
-# Training steps per family: about an hour at the seconds/step measured on the 2-core CPU.
-NUM_STEPS = {"vdm": 2000, "diffenc": 2000, "cdm": 2000}
+# Training steps per family: 3600 s / (measured CPU seconds per step), rounded down (see the docstring).
+NUM_STEPS = {"vdm": 1600, "diffenc": 900, "cdm": 1250}
