@@ -680,9 +680,10 @@ def photo_path(package: str, file: str) -> str:
 def read_photo(name: str) -> np.ndarray:
   """One bundled photograph of `PHOTOS` as read-only uint8 [H, W, 3], decoded by Pillow (cached).
 
-  The PNGs decode to the same pixels everywhere; the JPEGs (hubble_deep_field, retina, rocket, china,
-  flower) are decoded by the libjpeg-turbo inside Pillow's wheel, whose integer IDCT is deterministic, and
-  the dataset's metadata records each photo's sha256 and the library versions to make any drift visible.
+  The PNGs decode to the same pixels everywhere. The JPEGs (hubble_deep_field, retina, rocket, china,
+  flower) are decoded by the libjpeg in Pillow's wheel (libjpeg-turbo, default integer IDCT); another
+  JPEG decoder may round some pixels differently, so the dataset's metadata records each photo's sha256
+  and the library versions, which makes such a change visible.
   """
   entries = {n: (package, file) for n, package, file in PHOTOS}
   if name not in entries:
