@@ -404,8 +404,10 @@ def _to_python(tree):
 
 def load_data(config, split: str):
   d = config.data
+  # Source options that only some configs define (the photos source's patch geometry).
+  extra = {k: d[k] for k in ("patch_size", "patch_stride") if k in d}
   return data_lib.load(d.name, split=split, data_dir=d.data_dir or None, path=d.path or None,
-                       seed=config.seed)
+                       seed=config.seed, **extra)
 
 
 def build_model(config, ds):
