@@ -1,7 +1,7 @@
 """Classification Diffusion Models: a noise-level classifier that is a denoiser and a one-step likelihood.
 
 Yadin, Elata, Michaeli, "Classification Diffusion Models: Revitalizing Density Ratio Estimation",
-NeurIPS 2024, arXiv:2402.10095 (CDM). Notation of shared/MATH.md sec. 4.
+NeurIPS 2024, arXiv:2402.10095 (CDM). Notation of docs/math.md sec. 4.
 
 Classes t in {0, 1, ..., T, T + 1} with abar_0 = 1 (clean data), abar_i = alpha^2(i / T) of a schedule for
 i = 1..T, abar_{T+1} = 0 (pure N(0, I)); x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps, and a prior p_t over
@@ -274,7 +274,7 @@ def one_step_nll_bpd(logits_fn: LogitsFn, k: Array, *, num_levels: int, rng: Arr
                      class_prior: Array | None = None) -> tuple[Array, Array]:
   """One-step CDM negative log-likelihood of K-level integer data, in nats and bits/dim.
 
-  Convention (MATH.md sec. 4, `vdiff.likelihood`): k is encoded to bin centres in (-1, 1) and uniformly
+  Convention (docs/math.md sec. 4, `vdiff.likelihood`): k is encoded to bin centres in (-1, 1) and uniformly
   dequantised, y = x + Delta (u - 1/2), u ~ U[0, 1)^D, Delta = 2 / K (one draw of u per call). Then
 
       nats = -log p(y)                                  (a continuous density on [-1, 1]^D),

@@ -1,7 +1,7 @@
 """Datasets of K-level integer images, deterministic batching, and synthetic data of known density.
 
 Everything here is numpy on the host. Images stay integers in {0..K-1} (uint8 when K <= 256, else int32)
-until the model encodes them with `vdiff.likelihood.encode` (MATH.md section 0).
+until the model encodes them with `vdiff.likelihood.encode` (docs/math.md section 0).
 
 Sources (one visible dict, `LOADERS`; any other name is tried as a TFDS name):
   * `digits`: scikit-learn's bundled 8x8 digits, 17 levels (0..16), a fixed 1497 / 300 train / test split.
@@ -392,7 +392,7 @@ def gaussian_mixture_entropy_bpd(*, means: Any, stds: Any, weights: Any = None, 
 
   A mixture's P(k) does not factorise over dimensions, so H is a Monte-Carlo mean over num_samples draws
   k ~ P of the exact -log2 P(k) (`gaussian_mixture_log_prob`). For K -> infinity, H -> h + log2(K / 2),
-  with h the differential entropy (bits/dim) of the density on [-1, 1]^D (MATH.md section 4).
+  with h the differential entropy (bits/dim) of the density on [-1, 1]^D (docs/math.md section 4).
 
   Returns:
     (H in bits/dim, its Monte-Carlo standard error).

@@ -5,7 +5,7 @@ any `vdiff.schedules.Schedule`, and draws from N(0, I) at t = 1 down to t = 0 in
 of eps_fn whatever the number of steps). All are pure and deterministic given the key; they hold no
 device logic (wrap them in `jax.jit`, shard the key and the batch at the call site).
 
-Discrete grids (MATH.md sec. 0, 5): step i of T sits at t = i / T, abar_i = alpha^2(i / T) for i >= 1 and
+Discrete grids (docs/math.md sec. 0, 5): step i of T sits at t = i / T, abar_i = alpha^2(i / T) for i >= 1 and
 abar_0 := 1 (clean data), i.e. `schedule.discrete_alpha2(T)`. Complements 1 - abar_i = sigmoid(gamma_i) and
 ratios abar_i / abar_j = exp(log_sigmoid(-gamma_i) - log_sigmoid(-gamma_j)) come from gamma, never from
 1 - abar: at gamma = -13.3, 1 - abar = 1.7e-6 keeps about one significant digit when formed from abar
@@ -298,7 +298,7 @@ def vdm_ancestral(rng: Array, eps_fn: EpsFn, schedule: schedules_lib.Schedule, s
   num_levels its nearest bin centre (the argmax of VDM's K-way decoder, whose logits are
   -(z_0/alpha_0 - x^(k))^2 / (2 e^gamma_0)).
 
-  encoder_shift=True adds DiffEnc's modelled mean shift (MATH.md sec. 3), for models whose diffusion runs
+  encoder_shift=True adds DiffEnc's modelled mean shift (docs/math.md sec. 3), for models whose diffusion runs
   on an encoded signal x_t = enc(x, gamma_t) and whose eps_hat implies x_hat = (z_t - sigma_t eps_hat) /
   alpha_t, an estimate of x_t:
 
@@ -421,7 +421,7 @@ def probability_flow_sample(rng: Array, eps_fn: EpsFn, schedule: schedules_lib.S
     z_init: optional initial noise [B, ...] (then rng is unused).
   Returns:
     samples [B, ...], then the trajectory and nfe if asked (in that order).
-  Reference: Song et al. 2021, arXiv:2011.13456, eq. (13); MATH.md sec. 5 for the gamma form.
+  Reference: Song et al. 2021, arXiv:2011.13456, eq. (13); docs/math.md sec. 5 for the gamma form.
   """
   shape = _check_shape(shape)
   _check_levels(num_levels)

@@ -1,6 +1,6 @@
 """Training, evaluation and sampling: `train_and_evaluate(config, workdir)` and its pure, jitted steps.
 
-The work directory (shared/DESIGN.md) receives:
+The work directory (docs/design.md) receives:
   config.json      the resolved config
   metrics.jsonl    one JSON object per logged step (step, loss, bpd, the loss terms, lr, throughput)
   checkpoints/     orbax CheckpointManager steps (asynchronous saves, max_to_keep, resumable)
