@@ -219,8 +219,10 @@ def train_batch(ds: Dataset, global_batch_size: int, *, seed: int, step: int, pr
   Args:
     ds: the training split.
     global_batch_size: B, summed over processes; divisible by process_count.
-    seed, step: non-negative integers.
-    process_index, process_count: this process and the number of processes (jax.process_index/count()).
+    seed: non-negative integer.
+    step: non-negative integer.
+    process_index: this process (jax.process_index()).
+    process_count: the number of processes (jax.process_count()).
     random_flip: flip each image horizontally with probability 1/2.
   Returns:
     dict(image=integer levels [B / P, H, W, C] (ds.images.dtype), label=int32 [B / P]).
@@ -251,7 +253,8 @@ def eval_batches(ds: Dataset, batch_size: int, *, process_index: int = 0,
   Args:
     ds: the split to evaluate.
     batch_size: B, the global batch size, summed over processes; divisible by process_count.
-    process_index, process_count: this process and the number of processes.
+    process_index: this process.
+    process_count: the number of processes.
   Returns:
     an iterator of dict(image=[B / P, H, W, C] levels, label=int32 [B / P], mask=float32 [B / P] in {0, 1}).
   """

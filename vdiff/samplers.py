@@ -412,9 +412,11 @@ def probability_flow_sample(rng: Array, eps_fn: EpsFn, schedule: schedules_lib.S
 
   Args:
     rng: PRNG key (only the initial noise). eps_fn, schedule: the model. shape: (B, ...).
-    rtol, atol: tolerances of the PID step-size controller. solver: "dopri5" or "tsit5".
+    rtol: relative tolerance of the PID step-size controller.
+    atol: absolute tolerance of the PID step-size controller. solver: "dopri5" or "tsit5".
     max_steps: maximum solver steps per example.
-    t_start, t_end: integration interval (t_start > t_end).
+    t_start: start of the integration interval.
+    t_end: end of the integration interval (t_start > t_end).
     num_levels: K; if given, return int32 levels.
     return_trajectory: also return z at `trajectory_points` evenly spaced times, [P, B, ...].
     return_nfe: also return the number of denoiser evaluations per example, int32 [B].
