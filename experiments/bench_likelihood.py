@@ -6,10 +6,10 @@ first `--num-examples` test images:
 
   elbo   VDM / DiffEnc negative ELBO with k Monte-Carlo time samples per image, for each k of
          `--elbo-samples` (k network evaluations per image; the k estimates are averaged per image).
-         A discrete bound on -log2 P(k) / D: no dequantisation offset (MATH.md sec. 2).
+         A discrete bound on -log2 P(k) / D: no dequantisation offset (docs/math.md sec. 2).
   cdm    CDM one-step likelihood (CDM Thm 3.2): one classifier evaluation per image on one uniformly
-         dequantised copy; + log2(K/2) bits/dim (MATH.md sec. 4).
-  ode    probability-flow ODE (MATH.md sec. 6), any family (CDM through its gradient denoiser), adaptive
+         dequantised copy; + log2(K/2) bits/dim (docs/math.md sec. 4).
+  ode    probability-flow ODE (docs/math.md sec. 6), any family (CDM through its gradient denoiser), adaptive
          Dormand-Prince, rtol = atol = `--ode-tol`, Hutchinson divergence, on the first `--ode-examples`
          images (slow on a CPU); dequantised, + log2(K/2) bits/dim.
 

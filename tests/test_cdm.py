@@ -1,6 +1,6 @@
 """Tests of vdiff.cdm and vdiff.nets.classifier (CDM, Yadin et al., arXiv:2402.10095).
 
-Closed forms first (shared/MATH.md sec. 7): for Gaussian data N(0, s^2 I) the exact noise-level posterior
+Closed forms first (docs/math.md sec. 7): for Gaussian data N(0, s^2 I) the exact noise-level posterior
 is known, so the one-step density (CDM Thm 3.2) and the gradient denoiser (CDM Thm 3.1) are checked to
 float32 precision. Then a small MLP classifier is trained on a 2-D Gaussian mixture whose density is known
 exactly, and the ablations of the paper's Table 1 are checked to be measurably worse.
@@ -27,7 +27,7 @@ SCHEDULE = schedules.linear(gamma_min=-8.0, gamma_max=6.0)
 
 
 def gaussian_logits_fn(abar, s, *, class_prior=None):
-  """Exact log p(t | x) for data N(0, s^2 I) (MATH.md sec. 7):
+  """Exact log p(t | x) for data N(0, s^2 I) (docs/math.md sec. 7):
 
   x_t ~ N(0, v_t I), v_t = abar_t s^2 + 1 - abar_t (v_0 = s^2, v_{T+1} = 1), and
   log p(t | x) = log p_t(t) + log N(x; 0, v_t I) - logsumexp_t'(same).
@@ -71,7 +71,7 @@ def test_abar_grid():
 @pytest.mark.parametrize("s,shape", [(0.5, (6,)), (1.7, (4, 4, 1))])
 @pytest.mark.parametrize("nonuniform_prior", [False, True])
 def test_gaussian_log_density_exact(s, shape, nonuniform_prior):
-  # MATH.md sec. 7: with the exact logits, CDM Thm 3.2 returns log p_{x_t}(x) = log N(x; 0, v_t I),
+  # docs/math.md sec. 7: with the exact logits, CDM Thm 3.2 returns log p_{x_t}(x) = log N(x; 0, v_t I),
   # v_t = abar_t s^2 + 1 - abar_t; at t = 0 that is the data density log N(x; 0, s^2 I).
   abar = cdm.abar_grid(SCHEDULE, T)
   prior = jnp.linspace(1.0, 3.0, T + 2) if nonuniform_prior else None
@@ -88,7 +88,7 @@ def test_gaussian_log_density_exact(s, shape, nonuniform_prior):
 
 @pytest.mark.parametrize("s", [0.3, 2.0])
 def test_gaussian_gradient_denoiser_exact(s):
-  # MATH.md sec. 7: E[eps | z] = sigma (z - alpha mu) / (alpha^2 s^2 + sigma^2) with mu = 0; CDM Thm 3.1
+  # docs/math.md sec. 7: E[eps | z] = sigma (z - alpha mu) / (alpha^2 s^2 + sigma^2) with mu = 0; CDM Thm 3.1
   # with the exact logits must reproduce it. Class i sits at t = i / T; one class per example.
   abar = cdm.abar_grid(SCHEDULE, T)
   i = np.array([1, 2, 7, T // 2, T - 1, T] * 2)
@@ -111,7 +111,7 @@ def test_denoiser_time_grid():
 
 
 def test_one_step_nll_bpd_convention():
-  # MATH.md sec. 4 / vdiff.likelihood: bpd = -log p(y) / (D ln 2) + log2(K / 2) on y = dequantize(k).
+  # docs/math.md sec. 4 / vdiff.likelihood: bpd = -log p(y) / (D ln 2) + log2(K / 2) on y = dequantize(k).
   abar = cdm.abar_grid(SCHEDULE, T)
   s, num_levels = 0.6, 256
   k = jax.random.randint(jax.random.PRNGKey(0), (4, 3, 3, 1), 0, num_levels)
@@ -357,7 +357,7 @@ def mixture_log_density(z, abar_t=None):
 
 
 def mixture_denoiser(z, abar_t):
-  """E[eps | z] = -sigma grad_z log p_t(z) for the mixture (MATH.md sec. 7)."""
+  """E[eps | z] = -sigma grad_z log p_t(z) for the mixture (docs/math.md sec. 7)."""
   grad = jax.grad(lambda z: jnp.sum(mixture_log_density(z, abar_t)))(z)
   return -jnp.sqrt(1.0 - abar_t)[:, None] * grad
 
@@ -426,7 +426,7 @@ def test_trained_mlp_one_step_nll_and_ablations(trained):
 
 
 def test_ddim_with_exact_gradient_denoiser():
-  # MATH.md sec. 7: samplers with the exact denoiser of N(0, s^2 I) return samples of variance ~ s^2,
+  # docs/math.md sec. 7: samplers with the exact denoiser of N(0, s^2 I) return samples of variance ~ s^2,
   # and DDIM eta = 0 is a deterministic map of the initial noise.
   num_steps, s = 100, 0.5
   schedule = schedules.linear(gamma_min=-8.0, gamma_max=8.0)

@@ -378,7 +378,7 @@ def test_gaussian_entropy_monte_carlo_matches_exact_summation(num_levels):
 
 
 def test_discrete_entropy_approaches_differential_entropy_as_levels_grow():
-  # H_K = -E log2 P(k) / D -> h + log2(K / 2) (MATH.md sec. 4; the bin width is Delta = 2 / K), with
+  # H_K = -E log2 P(k) / D -> h + log2(K / 2) (docs/math.md sec. 4; the bin width is Delta = 2 / K), with
   # h = 1/2 log2(2 pi e s^2) bits/dim for N(mu, s^2 I); s <= 0.12 keeps the clipped mass below 1e-15.
   # The gap is Sheppard's correction, mean_i (Delta / s_i)^2 / (24 ln 2) + O(Delta^4): it falls 16-fold
   # per 4-fold K.

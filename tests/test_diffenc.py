@@ -3,12 +3,12 @@
 References used below:
   * VDM's losses (vdiff.vdm, arXiv:2107.00630): the identity encoder with d_hat = 0 must reproduce them.
   * Exact per-step Gaussian KLs of the DiffEnc reverse process, evaluated independently in float64 numpy
-    from the joint-Gaussian posterior (MATH.md sec. 3): their T-step sum must converge to the library's
+    from the joint-Gaussian posterior (docs/math.md sec. 3): their T-step sum must converge to the library's
     continuous-time loss as T grows.
-  * E[x | z] of Gaussian data x ~ N(mu, s^2) (MATH.md sec. 7) pushed through the non-trainable encoder:
+  * E[x | z] of Gaussian data x ~ N(mu, s^2) (docs/math.md sec. 7) pushed through the non-trainable encoder:
     z = alpha^3 x + sigma eps, so E[eps | z] = sigma (z - alpha^3 mu) / (alpha^6 s^2 + sigma^2).
   * Closed-form encoder derivatives: d(alpha^2 x)/d gamma = -sigma^2 alpha^2 x; central finite differences.
-  * The published v-form of the loss (DiffEnc code; MATH.md sec. 3).
+  * The published v-form of the loss (DiffEnc code; docs/math.md sec. 3).
 """
 
 import functools
@@ -59,7 +59,7 @@ SCHEDULES = {"linear": schedules.linear(), "cosine": schedules.cosine()}
 @pytest.mark.parametrize("schedule_name", ["linear", "cosine"])
 @pytest.mark.parametrize("num_steps", [None, 10])
 def test_identity_encoder_without_shift_is_vdm(schedule_name, num_steps):
-  # Reference: vdm.diffusion_loss (MATH.md sec. 3: SNR ||x - x_hat||^2 = ||eps - eps_hat||^2).
+  # Reference: vdm.diffusion_loss (docs/math.md sec. 3: SNR ||x - x_hat||^2 = ||eps - eps_hat||^2).
   schedule = SCHEDULES[schedule_name]
   x, eps = _data(batch=6)
   t = jnp.linspace(0.01, 0.99, 6)
@@ -88,7 +88,7 @@ def test_identity_encoder_negative_elbo_is_vdm():
 
 
 def test_negative_elbo_uses_encoded_endpoints():
-  # Reference: MATH.md sec. 3 -- prior on x_1 = enc(x, gamma_1), reconstruction on x_0 = enc(x, gamma_0).
+  # Reference: docs/math.md sec. 3 -- prior on x_1 = enc(x, gamma_1), reconstruction on x_0 = enc(x, gamma_0).
   schedule = schedules.linear()
   x, _ = _data(batch=3, shape=(2, 2, 1))
   enc = diffenc.nontrainable_encoder()
@@ -129,7 +129,7 @@ def _reference_step_kls(x, eps, num_steps):
   q: the joint Gaussian of z_s ~ N(alpha_s x_s, sigma_s^2), z_t | z_s ~ N(alpha_{t|s} z_s + alpha_t (x_t
   - x_s), sigma_{t|s}^2) gives mu_Q = alpha_s x_s + (alpha_{t|s} sigma_s^2 / sigma_t^2)(z_t - alpha_t x_t),
   var_Q = sigma_{t|s}^2 sigma_s^2 / sigma_t^2. p: the same with x_s, x_t -> x_hat plus the modelled shift
-  alpha_s (gamma_s - gamma_t)(-sigma_t^2 x_hat), and var_P = var_Q (MATH.md sec. 3, w = 1).
+  alpha_s (gamma_s - gamma_t)(-sigma_t^2 x_hat), and var_P = var_Q (docs/math.md sec. 3, w = 1).
   Linear schedule, non-trainable encoder x_t = alpha_t^2 x, Gaussian-optimal x_hat.
   """
   i = np.arange(1, num_steps + 1)[:, None, None]
@@ -150,7 +150,7 @@ def _reference_step_kls(x, eps, num_steps):
 
 
 def test_t_step_loss_converges_to_continuous():
-  # References: float64 per-step Gaussian KLs (above) and the continuous formula of MATH.md sec. 3
+  # References: float64 per-step Gaussian KLs (above) and the continuous formula of docs/math.md sec. 3
   # evaluated in float64; the library's float32 losses must match both, and the T-step sum must approach
   # the continuous integral at rate O(1/T).
   schedule = schedules.linear()
@@ -205,7 +205,7 @@ def test_t_step_loss_converges_to_continuous():
 # ----------------------------------------------------------------------------------------------------
 def test_v_form_of_published_code():
   # Reference: DiffEnc's published v-form, 1/2 gamma' alpha^2 ||v - v_hat + sigma (x_hat - x_t + y +
-  # dy/dgamma)||^2 with v = alpha eps - sigma x_t, v_hat = alpha eps_hat - sigma x_hat (MATH.md sec. 3).
+  # dy/dgamma)||^2 with v = alpha eps - sigma x_t, v_hat = alpha eps_hat - sigma x_hat (docs/math.md sec. 3).
   schedule = schedules.cosine()
   enc = diffenc.trainable_encoder(_smooth_y_fn)
   eps_fn = _gaussian_eps_fn(schedule)
@@ -233,7 +233,7 @@ def test_v_form_of_published_code():
 
 @pytest.mark.parametrize("num_steps", [None, 50])
 def test_x_hat_fn_matches_eps_fn(num_steps):
-  # Reference: the same model given as x_hat = (z - sigma eps_hat) / alpha (MATH.md sec. 0).
+  # Reference: the same model given as x_hat = (z - sigma eps_hat) / alpha (docs/math.md sec. 0).
   schedule = schedules.linear()
   enc = diffenc.nontrainable_encoder()
   eps_fn = _gaussian_eps_fn(schedule)
@@ -253,7 +253,7 @@ def test_x_hat_fn_matches_eps_fn(num_steps):
 
 
 def test_nontrainable_shift_is_exact_for_perfect_prediction():
-  # Reference: d_hat = -sigma^2 x_hat is the exact derivative of alpha^2 x when x_hat = x_t (MATH.md
+  # Reference: d_hat = -sigma^2 x_hat is the exact derivative of alpha^2 x when x_hat = x_t (docs/math.md
   # sec. 3), so a model that predicts x_t exactly has zero continuous loss; without the shift it does not.
   schedule = schedules.linear()
   enc = diffenc.nontrainable_encoder()

@@ -1,4 +1,4 @@
-"""The probability-flow ODE likelihood against closed forms for Gaussian data (MATH.md sec. 6 and 7)."""
+"""The probability-flow ODE likelihood against closed forms for Gaussian data (docs/math.md sec. 6 and 7)."""
 
 import math
 
@@ -17,7 +17,7 @@ LINEAR = schedules.linear()
 
 
 def gaussian_denoiser(schedule, mu, cov):
-  """E[eps | z_t] = sigma C_t^{-1} (z - alpha mu), C_t = alpha^2 Sigma + sigma^2 I (MATH.md sec. 7 with a full
+  """E[eps | z_t] = sigma C_t^{-1} (z - alpha mu), C_t = alpha^2 Sigma + sigma^2 I (docs/math.md sec. 7 with a full
   covariance; for Sigma = s^2 I it is sigma (z - alpha mu) / (alpha^2 s^2 + sigma^2)). Sigma = U diag(lam) U^T.
   """
   lam, u = np.linalg.eigh(np.asarray(cov, np.float64))
@@ -73,7 +73,7 @@ def test_exact_divergence_isotropic_gaussian_equals_data_log_density():
   eps_fn = gaussian_denoiser(WIDE, mu, cov)
   logp, nfe = jax.jit(lambda x: likelihood.ode_log_likelihood(
       jax.random.PRNGKey(0), eps_fn, WIDE, x, divergence="exact"))(jnp.asarray(x, jnp.float32))
-  # MATH.md sec. 6 requirement: log N(x; mu, s^2 I) within 1e-3 nats/dim. The model's own density (prior
+  # docs/math.md sec. 6 requirement: log N(x; mu, s^2 I) within 1e-3 nats/dim. The model's own density (prior
   # N(0, I) instead of the true p_1, p_0 instead of the data) differs from it by < 2e-4 nats/dim here.
   np.testing.assert_allclose(logp / d, gaussian_log_density(mu, cov, x) / d, atol=1e-3)
   np.testing.assert_allclose(logp / d, model_log_density(WIDE, mu, cov, x) / d, atol=1e-4)
@@ -137,7 +137,7 @@ def test_nfe_matches_counted_denoiser_calls():
 
 
 def test_ode_nll_bpd_convention():
-  # bpd = -log p(y) / (D ln 2) + log2(K / 2) on y = dequantize(k) (MATH.md sec. 4, 6), with the same keys.
+  # bpd = -log p(y) / (D ln 2) + log2(K / 2) on y = dequantize(k) (docs/math.md sec. 4, 6), with the same keys.
   k_levels, d = 16, 3
   eps_fn = gaussian_denoiser(LINEAR, np.zeros(d), 0.3 * np.eye(d))
   k = jax.random.randint(jax.random.PRNGKey(0), (2, d), 0, k_levels)

@@ -1,4 +1,4 @@
-"""Samplers against closed forms for Gaussian data x ~ N(mu, s^2 I) and its exact denoiser (MATH.md sec. 7)."""
+"""Samplers against closed forms for Gaussian data x ~ N(mu, s^2 I) and its exact denoiser (docs/math.md sec. 7)."""
 
 import functools
 
@@ -21,10 +21,10 @@ DDPM_BETA = schedules.ddpm_linear_beta()
 
 
 def gaussian_eps_fn(schedule, mu=MU, s=S, power=1):
-  """E[eps | z_t] = sigma (z - a mu) / (a^2 s^2 + sigma^2) for z_t = a x + sigma eps (MATH.md sec. 7).
+  """E[eps | z_t] = sigma (z - a mu) / (a^2 s^2 + sigma^2) for z_t = a x + sigma eps (docs/math.md sec. 7).
 
   power=1: a = alpha_t (plain diffusion). power=3: a = alpha_t^3, the DiffEnc non-trainable encoder
-  x_t = alpha_t^2 x diffused as z_t = alpha_t x_t + sigma_t eps (MATH.md sec. 3).
+  x_t = alpha_t^2 x diffused as z_t = alpha_t x_t + sigma_t eps (docs/math.md sec. 3).
   """
 
   def eps_fn(z, t):
@@ -122,7 +122,7 @@ def test_ddim_eta0_is_a_deterministic_map_of_the_initial_noise():
 
 
 def test_vdm_ancestral_equals_ddpm_small_variance_step():
-  # MATH.md sec. 5: c = -expm1(gamma_s - gamma_t); alpha_s/alpha_t (z_t - sigma_t c eps_hat) + sigma_s sqrt(c) eps'
+  # docs/math.md sec. 5: c = -expm1(gamma_s - gamma_t); alpha_s/alpha_t (z_t - sigma_t c eps_hat) + sigma_s sqrt(c) eps'
   # is DDPM's posterior mean and beta_tilde. Same key -> same z_T and eps' (shared noise layout).
   eps_fn = gaussian_eps_fn(DDPM_BETA)
   shape, steps = (256, 3), 50
@@ -162,7 +162,7 @@ def test_diffenc_shift_one_step_and_consistency():
 
   t_shift, t_plain, x_shift, x_plain = run(jax.random.PRNGKey(5))
   # First step, t = 1 -> s = 3/4, same noise: the difference is the modelled shift
-  # -alpha_s (gamma_s - gamma_t) sigma_t^2 x_hat, x_hat = (z_t - sigma_t eps_hat) / alpha_t (MATH.md sec. 3).
+  # -alpha_s (gamma_s - gamma_t) sigma_t^2 x_hat, x_hat = (z_t - sigma_t eps_hat) / alpha_t (docs/math.md sec. 3).
   z1 = t_shift[0]
   g_t, g_s = sched.gamma(1.0), sched.gamma(0.75)
   a_t, s_t = schedules.alpha_from_gamma(g_t), schedules.sigma_from_gamma(g_t)

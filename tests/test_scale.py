@@ -1,4 +1,4 @@
-"""Train at scale (shared/DESIGN.md, "Scale"): devices, processes, preemption and TFDS, end to end on CPU.
+"""Train at scale (docs/design.md, "Scale"): devices, processes, preemption and TFDS, end to end on CPU.
 
 Every run is the real command line (`python -m experiments.main`) on the `:tiny` quickstart config with
 the same flags (`_FLAGS`), in a subprocess whose XLA_FLAGS give it N CPU devices

@@ -1,5 +1,5 @@
 """Tests of vdiff.varmin: the variance-minimising gradient of the schedule's shape (VDM, arXiv:2107.00630,
-sec. 5; MATH.md sec. 2).
+sec. 5; docs/math.md sec. 2).
 
 Reference for every gradient below: direct autodiff of the defining expressions,
   shape parameters:          d/d eta [ mean_b L_b^2 ]     (= mean_b 2 L_b dL_b/d eta)

@@ -1,4 +1,4 @@
-"""VDM negative ELBO: closed forms for Gaussian data (shared/MATH.md section 7) and direct computations."""
+"""VDM negative ELBO: closed forms for Gaussian data (docs/math.md section 7) and direct computations."""
 
 import math
 
@@ -28,7 +28,7 @@ def gaussian_eps_fn(schedule, mu, s):
 
 
 def closed_form_ldiff(d, s, g0, g1):
-  """MATH.md sec. 7: E L_diff = D/2 [(g1 - log(s^2 + e^g1)) - (g0 - log(s^2 + e^g0))]."""
+  """docs/math.md sec. 7: E L_diff = D/2 [(g1 - log(s^2 + e^g1)) - (g0 - log(s^2 + e^g0))]."""
   f = lambda g: g - math.log(s ** 2 + math.exp(g))
   return d / 2 * (f(g1) - f(g0))
 

@@ -5,7 +5,7 @@ likelihood is 8 B bits, so
 
     bits/dim = 8 B / (N D)
 
-is directly comparable with a model's bits/dim of the same integer data (a discrete NLL, MATH.md sec. 0;
+is directly comparable with a model's bits/dim of the same integer data (a discrete NLL, docs/math.md sec. 0;
 no dequantisation offset). A compressor can never beat the data's entropy on average (Shannon's source
 coding theorem), so each number here is an upper bound on the entropy, as every likelihood model's is:
 a model that does no better than PNG has not learned much.

@@ -359,7 +359,7 @@ def one_step_nll_bpd(logits_fn: LogitsFn, k: Array, *, num_levels: int, rng: Arr
                      class_prior: Array | None = None) -> tuple[Array, Array]:
   """One-step CDM negative log-likelihood of K-level integer data, in nats and bits/dim.
 
-  Convention (MATH.md sec. 4, `vdiff.likelihood`): k is encoded to bin centres in (-1, 1) and uniformly
+  Convention (docs/math.md sec. 4, `vdiff.likelihood`): k is encoded to bin centres in (-1, 1) and uniformly
   dequantised, y = x + Delta (u - 1/2), u ~ U[0, 1)^D, Delta = 2 / K (one draw of u per call). Then
 
       nats = -log p(y)                                  (a continuous density on [-1, 1]^D),

@@ -1,7 +1,7 @@
 """Datasets of K-level integer images, deterministic batching, and synthetic data of known density.
 
 Everything here is numpy on the host. Images stay integers in {0..K-1} (uint8 when K <= 256, else int32)
-until the model encodes them with `vdiff.likelihood.encode` (MATH.md section 0).
+until the model encodes them with `vdiff.likelihood.encode` (docs/math.md section 0).
 
 Sources (one visible dict, `LOADERS`; any other name is tried as a TFDS name):
   * `digits`: scikit-learn's bundled 8x8 digits, 17 levels (0..16), a fixed 1497 / 300 train / test split.
@@ -245,8 +245,10 @@ def train_batch(ds: Dataset, global_batch_size: int, *, seed: int, step: int, pr
   Args:
     ds: the training split.
     global_batch_size: B, summed over processes; divisible by process_count.
-    seed, step: non-negative integers.
-    process_index, process_count: this process and the number of processes (jax.process_index/count()).
+    seed: non-negative integer.
+    step: non-negative integer.
+    process_index: this process (jax.process_index()).
+    process_count: the number of processes (jax.process_count()).
     random_flip: flip each image horizontally with probability 1/2.
   Returns:
     dict(image=integer levels [B / P, H, W, C] (ds.images.dtype), label=int32 [B / P]).
@@ -277,7 +279,8 @@ def eval_batches(ds: Dataset, batch_size: int, *, process_index: int = 0,
   Args:
     ds: the split to evaluate.
     batch_size: B, the global batch size, summed over processes; divisible by process_count.
-    process_index, process_count: this process and the number of processes.
+    process_index: this process.
+    process_count: the number of processes.
   Returns:
     an iterator of dict(image=[B / P, H, W, C] levels, label=int32 [B / P], mask=float32 [B / P] in {0, 1}).
   """
@@ -418,7 +421,7 @@ def gaussian_mixture_entropy_bpd(*, means: Any, stds: Any, weights: Any = None, 
 
   A mixture's P(k) does not factorise over dimensions, so H is a Monte-Carlo mean over num_samples draws
   k ~ P of the exact -log2 P(k) (`gaussian_mixture_log_prob`). For K -> infinity, H -> h + log2(K / 2),
-  with h the differential entropy (bits/dim) of the density on [-1, 1]^D (MATH.md section 4).
+  with h the differential entropy (bits/dim) of the density on [-1, 1]^D (docs/math.md section 4).
 
   Returns:
     (H in bits/dim, its Monte-Carlo standard error).

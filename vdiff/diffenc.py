@@ -14,7 +14,7 @@ An encoder is ONE interface: a callable enc(x [B, ...], gamma [B]) -> x_t [B, ..
 return `Encoder` objects (callables that also keep the offset x_t - x, see the numerics note); any plain
 callable is accepted too and wrapped by `as_encoder`.
 
-The reverse posterior gains a mean shift (MATH.md sec. 3; DiffEnc eq. 7): for s < t,
+The reverse posterior gains a mean shift (docs/math.md sec. 3; DiffEnc eq. 7): for s < t,
 
     mu_Q = alpha_s x_t + (alpha_{t|s} sigma_s^2 / sigma_t^2)(z_t - alpha_t x_t) + alpha_s (x_s - x_t),
     sigma_Q^2 = sigma_{t|s}^2 sigma_s^2 / sigma_t^2,
@@ -35,7 +35,7 @@ gamma_s):
 
 using SNR_t^(1/2) (x_t - x_hat) = eps_hat - eps (z_t = alpha_t x_t + sigma_t eps) and
 (SNR_s / SNR_t) c = e^Delta (1 - e^-Delta) = expm1(Delta). The T-step loss is T E_i KL_i, and as
-T -> infinity (c ~ Delta, x_s - x_t ~ -Delta dx_t/dgamma) it becomes MATH.md's continuous loss
+T -> infinity (c ~ Delta, x_s - x_t ~ -Delta dx_t/dgamma) it becomes docs/math.md's continuous loss
 
     L_diff = 1/2 E_{t,eps} [ gamma'(t) SNR_t || (x_t - x_hat) - (dx_t/dgamma - d_hat) ||^2 ]
            = 1/2 E_{t,eps} [ gamma'(t) || (eps - eps_hat) + SNR_t^(1/2) (dx_t/dgamma - d_hat) ||^2 ].
@@ -197,7 +197,7 @@ def diffusion_loss(x: Array, t: Array, eps: Array, *, schedule: schedules_lib.Sc
                    model_shift: bool = True) -> Array:
   """The DiffEnc diffusion term for one (t, eps) per example, in nats, [B].
 
-  Continuous time (num_steps None; MATH.md sec. 3, DiffEnc eq. 12):
+  Continuous time (num_steps None; docs/math.md sec. 3, DiffEnc eq. 12):
     1/2 gamma'(t) || (eps - eps_hat) + SNR_t^(1/2) (dx_t/dgamma - d_hat) ||^2
     (= 1/2 gamma' SNR || (x_t - x_hat) - (dx_t/dgamma - d_hat) ||^2),   d_hat = -sigma_t^2 x_hat.
   T steps (t = i/T, s = (i-1)/T, i = floor(t T) + 1; T times the i-th per-step KL, see module doc):

@@ -1,6 +1,6 @@
 """Likelihood bookkeeping: K-level data encoding, uniform dequantisation and the nats -> bits/dim conversion.
 
-Conventions (shared/MATH.md section 0):
+Conventions (docs/math.md section 0):
   * K-level integers k in {0..K-1} are encoded to bin centres x = 2 (k + 1/2) / K - 1 in (-1, 1); the bin
     width is Delta = 2 / K.
   * A discrete model (the VDM ELBO with its K-way decoder) bounds -log P(k) directly: no offset.
@@ -56,7 +56,7 @@ def nats_to_bpd(nats: Array, num_dims: int, *, num_levels: int | None = None) ->
       bpd = nats / (D ln 2) + log2(K / 2)        (num_levels=K: nats = -log p(y) of a density on
                                                   uniformly dequantised data in [-1, 1]^D)
 
-  The second form is the dequantisation bound log P(k) >= E_u log p(y) + D log(2 / K) (MATH.md sec. 4).
+  The second form is the dequantisation bound log P(k) >= E_u log p(y) + D log(2 / K) (docs/math.md sec. 4).
   It is the convention of the CDM one-step and ODE estimators. Conventions elsewhere differ: score_sde
   scales data to [0, 1] with 256 bins (same offset, log2 256 with x in [0,1]), while others use
   [0, 255/256] and get log2(256/255) bits/dim less.
@@ -79,7 +79,7 @@ def nats_to_bpd(nats: Array, num_dims: int, *, num_levels: int | None = None) ->
 
 
 # ----------------------------------------------------------------------------------------------------
-# Exact likelihood through the probability-flow ODE (MATH.md sections 5 and 6).
+# Exact likelihood through the probability-flow ODE (docs/math.md sections 5 and 6).
 # These imports live with the section that needs them (appended to this module); schedules does not
 # import this module, so there is no cycle. vdm does import it, hence no `from vdiff import vdm` here.
 # ----------------------------------------------------------------------------------------------------
@@ -237,7 +237,7 @@ def ode_nll_bpd(rng, eps_fn, schedule, k, *, num_levels: int, **kwargs):
       bpd = -log p_0(y) / (D ln 2) + log2(K / 2),   y = x + Delta (u - 1/2), u ~ U[0, 1)^D,
 
   the dequantisation bound log P(k) >= E_u log p(y) + D log Delta with Delta = 2 / K on [-1, 1]
-  (MATH.md sec. 4 and 6; `nats_to_bpd(..., num_levels=K)`). Average over examples (and over u draws)
+  (docs/math.md sec. 4 and 6; `nats_to_bpd(..., num_levels=K)`). Average over examples (and over u draws)
   at the call site; the average bounds the discrete bits/dim from above in expectation.
 
   Args:

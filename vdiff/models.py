@@ -352,7 +352,7 @@ class DiffEncFamily(VDMFamily):
 
   encoder_kind: "identity" (plain VDM), "nontrainable" (x_t = alpha_t^2 x) or "trainable"
   (x_t = alpha_t^2 x + sigma_t^2 y_phi(x, gamma_t), y_phi an `EncoderUNet`, zero at initialisation).
-  Samplers add the modelled mean shift of the encoder (MATH.md sec. 3) unless the encoder is the identity.
+  Samplers add the modelled mean shift of the encoder (docs/math.md sec. 3) unless the encoder is the identity.
   """
 
   family_name = "diffenc"
@@ -389,7 +389,7 @@ class DiffEncFamily(VDMFamily):
 
   @property
   def supports_ode(self) -> bool:
-    # The probability-flow ODE of MATH.md sec. 5 transports the marginals of z_t = alpha_t x + sigma_t eps;
+    # The probability-flow ODE of docs/math.md sec. 5 transports the marginals of z_t = alpha_t x + sigma_t eps;
     # with an encoder the marginals are those of alpha_t x_t + sigma_t eps, whose flow has an extra drift
     # (d x_t / dt) that the ODE estimator does not model. Only the identity encoder qualifies.
     return self.encoder_kind == "identity"

@@ -369,7 +369,7 @@ def vdm_ancestral(rng: Array, eps_fn: EpsFn, schedule: schedules_lib.Schedule, s
   num_levels its nearest bin centre (the argmax of VDM's K-way decoder, whose logits are
   -(z_0/alpha_0 - x^(k))^2 / (2 e^gamma_0)).
 
-  encoder_shift=True adds DiffEnc's modelled mean shift (MATH.md sec. 3), for models whose diffusion runs
+  encoder_shift=True adds DiffEnc's modelled mean shift (docs/math.md sec. 3), for models whose diffusion runs
   on an encoded signal x_t = enc(x, gamma_t) and whose eps_hat implies x_hat = (z_t - sigma_t eps_hat) /
   alpha_t, an estimate of x_t:
 
@@ -494,9 +494,11 @@ def probability_flow_sample(rng: Array, eps_fn: EpsFn, schedule: schedules_lib.S
 
   Args:
     rng: PRNG key (only the initial noise). eps_fn, schedule: the model. shape: (B, ...).
-    rtol, atol: tolerances of the PID step-size controller. solver: "dopri5" or "tsit5".
+    rtol: relative tolerance of the PID step-size controller.
+    atol: absolute tolerance of the PID step-size controller. solver: "dopri5" or "tsit5".
     max_steps: maximum solver steps per example.
-    t_start, t_end: integration interval (t_start > t_end).
+    t_start: start of the integration interval.
+    t_end: end of the integration interval (t_start > t_end).
     num_levels: K; if given, return int32 levels.
     return_trajectory: also return z at `trajectory_points` evenly spaced times, [P, B, ...].
     return_nfe: also return the number of denoiser evaluations per example, int32 [B].
@@ -504,7 +506,7 @@ def probability_flow_sample(rng: Array, eps_fn: EpsFn, schedule: schedules_lib.S
     encoder_shift: integrate the flow of DiffEnc's encoded process (see above).
   Returns:
     samples [B, ...], then the trajectory and nfe if asked (in that order).
-  Reference: Song et al. 2021, arXiv:2011.13456, eq. (13); MATH.md sec. 5 for the gamma form.
+  Reference: Song et al. 2021, arXiv:2011.13456, eq. (13); docs/math.md sec. 5 for the gamma form.
   """
   shape = _check_shape(shape)
   _check_levels(num_levels)
