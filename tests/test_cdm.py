@@ -636,7 +636,7 @@ def test_denoiser_times():
   for bad in (float("nan"), -0.1, 1.5, jnp.array([0.5, 0.5, jnp.nan, 0.5])):
     with pytest.raises(ValueError, match=r"t must hold times in \[0, 1\]"):
       eps_fn(_X, bad)
-  with pytest.raises(TypeError, match="t must hold floating times"):
+  with pytest.raises(TypeError, match="t must hold floating-point times"):
     eps_fn(_X, 1)  # a class index is not a time
   with pytest.raises(ValueError, match="z holds NaN"):
     eps_fn(_X.at[0, 0].set(jnp.nan), 0.5)

@@ -248,11 +248,11 @@ def test_elbo_refuses_bad_times_eagerly_and_propagates_nan_under_jit():
   with pytest.raises(ValueError, match="t holds NaN"):
     elbo(jnp.array([0.2, jnp.nan, 0.4]))
   for bad in ([0.2, 1.5, 0.4], [-0.1, 0.5, 0.5]):
-    with pytest.raises(ValueError, match=r"t must lie in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"t must hold times in \[0, 1\]"):
       elbo(jnp.array(bad))
-    with pytest.raises(ValueError, match=r"t must lie in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"t must hold times in \[0, 1\]"):
       elbo(jnp.array(bad), num_steps=10)
-    with pytest.raises(ValueError, match=r"t must lie in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"t must hold times in \[0, 1\]"):
       vdm.diffusion_loss(x, jnp.array(bad), x, schedule=sched, eps_fn=eps_fn)
   with pytest.raises(ValueError, match=r"t must have shape \[B\]"):
     elbo(jnp.array([0.2, 0.3]))

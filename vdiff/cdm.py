@@ -241,7 +241,7 @@ def make_denoiser(logits_fn: LogitsFn, abar: Array, *, num_steps: int | None = N
 
   def eps_fn(z, t):
     z = _check_x(z, "z")
-    t = checks.unit_times(t, "t", batch=z.shape[0])
+    t = checks.times(t, "t", batch_size=z.shape[0], scalar_ok=True)
     i = jnp.clip(jnp.round(t * steps), 1, steps).astype(jnp.int32)
     grad_f, _ = _grad_log_ratio(logits_fn, z, i, num_classes)
     # NaN for a time outside [0, 1] (reachable only under jit), not the clipped class.

@@ -76,45 +76,26 @@ def class_indices(t, name: str, *, num_classes: int, batch: int):
   return jnp.broadcast_to(t.astype(jnp.int32), (batch,))
 
 
-def unit_times(t, name: str, *, batch: int):
-  """t must be floating times in [0, 1], a scalar or shape [batch]; float32 [batch].
+def times(t, name: str, *, batch_size: int, scalar_ok: bool = False):
+  """t must be floating-point times in [0, 1] of shape [batch_size] (or a scalar, if scalar_ok);
+  returns them as float32 [batch_size].
 
-  An integer t is refused (a class index is not a time). NaN and the range are checked only on
-  concrete values; under jit the caller decides what such a time gives (vdiff.cdm: NaN).
+  An integer t is refused (a class index is not a time, and integer times would only select the ends of
+  the interval). The dtype and shape are checked always (trace time); the values (finite, within
+  [0, 1]) only when t is concrete, i.e. eagerly. Under jit the caller decides what such a time gives
+  (vdiff.vdm: a NaN time gives a NaN loss; vdiff.cdm: NaN).
   """
   dtype = _dtype_of(t)
   if not jnp.issubdtype(dtype, jnp.floating):
-    raise TypeError(f"{name} must hold floating times in [0, 1], got dtype {dtype}.")
+    raise TypeError(f"{name} must hold floating-point times in [0, 1], got dtype {dtype}.")
   t = jnp.asarray(t, jnp.float32)
-  if t.ndim not in (0, 1) or (t.ndim == 1 and t.shape[0] != batch):
-    raise ValueError(f"{name} must be a scalar or have shape [B] = ({batch},), got {t.shape}.")
-  if is_concrete(t):
-    a = np.asarray(t)
-    if np.isnan(a).any():
-      raise ValueError(f"{name} must hold times in [0, 1], got NaN.")
-    if a.size and (a.min() < 0 or a.max() > 1):
-      raise ValueError(f"{name} must hold times in [0, 1], got values in [{a.min()}, {a.max()}].")
-  return jnp.broadcast_to(t, (batch,))
-
-
-def times(t, name: str, *, batch_size: int):
-  """t must be floating-point times of shape [batch_size] in [0, 1].
-
-  The dtype and shape are checked always (trace time); the values (finite, within [0, 1]) only when t is
-  concrete, i.e. eagerly. Under jit a NaN time gives a NaN loss (it propagates, never a finite value).
-  """
-  if not hasattr(t, "shape") or not hasattr(t, "dtype"):
-    t = np.asarray(t)
-  if not jnp.issubdtype(t.dtype, jnp.floating):
-    raise TypeError(f"{name} must hold floating-point times in [0, 1], got dtype {t.dtype} (integer times "
-                    "would only select the ends of the interval).")
-  if tuple(t.shape) != (batch_size,):
-    raise ValueError(f"{name} must have shape [B] = ({batch_size},), one time per example, got shape "
-                     f"{tuple(t.shape)}.")
+  if not ((scalar_ok and t.ndim == 0) or tuple(t.shape) == (batch_size,)):
+    raise ValueError(f"{name} must have shape [B] = ({batch_size},), one time per example"
+                     f"{' (or be a scalar)' if scalar_ok else ''}, got shape {tuple(t.shape)}.")
   if is_concrete(t):
     a = np.asarray(t)
     if not np.all(np.isfinite(a)):
-      raise ValueError(f"{name} holds NaN or Inf values; times must lie in [0, 1].")
+      raise ValueError(f"{name} holds NaN or Inf values; {name} must hold times in [0, 1].")
     if a.size and (a.min() < 0 or a.max() > 1):
-      raise ValueError(f"{name} must lie in [0, 1], got values in [{a.min()}, {a.max()}].")
-  return t
+      raise ValueError(f"{name} must hold times in [0, 1], got values in [{a.min()}, {a.max()}].")
+  return jnp.broadcast_to(t, (batch_size,))

@@ -403,11 +403,20 @@ def _to_python(tree):
 
 
 def load_data(config, split: str):
+  """The split named by config.data (read once per process: `setup` validates the evaluation split
+  and the trainer then evaluates on it, so both get the same loaded arrays)."""
   d = config.data
   # Source options that only some configs define (the photos source's patch geometry).
-  extra = {k: d[k] for k in ("patch_size", "patch_stride") if k in d}
-  return data_lib.load(d.name, split=split, data_dir=d.data_dir or None, path=d.path or None,
-                       seed=config.seed, **extra)
+  extra = tuple((k, d[k]) for k in ("patch_size", "patch_stride") if k in d)
+  path = d.path or None
+  # A file's modification time is part of the key, so a rewritten .npz is read again.
+  stamp = os.stat(path).st_mtime_ns if path and os.path.exists(path) else None
+  return _load_data_cached(d.name, split, d.data_dir or None, path, stamp, config.seed, extra)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_data_cached(name, split, data_dir, path, stamp, seed, extra):  # pylint: disable=unused-argument
+  return data_lib.load(name, split=split, data_dir=data_dir, path=path, seed=seed, **dict(extra))
 
 
 def build_model(config, ds):
@@ -635,10 +644,14 @@ def validate_model(config, model) -> None:
   evaluation estimator and the sampler for this family, and the sample label of a conditional model."""
   make_nll_fn(model, config.eval.estimator, config.eval)  # raises naming eval.estimator and the family
   s = config.sample
-  supported = tuple(getattr(model, "supported_samplers", SAMPLERS))
-  if s.sampler not in supported:
-    raise ValueError(f"sample.sampler={s.sampler!r} does not apply to model family "
-                     f"{model.family_name!r}; use one of {supported}.")
+  check_sample_args = getattr(model, "check_sample_args", None)
+  if check_sample_args is not None:  # models.Family: the sampler and sample.clip_x0
+    check_sample_args(s.sampler, s.get("clip_x0"))
+  else:
+    supported = tuple(getattr(model, "supported_samplers", SAMPLERS))
+    if s.sampler not in supported:
+      raise ValueError(f"sample.sampler={s.sampler!r} does not apply to model family "
+                       f"{model.family_name!r}; use one of {supported}.")
   if model.num_labels and not -1 <= s.label < model.num_labels:
     raise ValueError(f"sample.label must be -1 (unconditional) or a class in [0, {model.num_labels}), "
                      f"got {s.label}.")
