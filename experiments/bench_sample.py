@@ -3,7 +3,7 @@
 Each (sampler, steps) pair is jitted once, run once to compile (timed separately), then timed `--repeats`
 times; the median is reported. The default denoiser is a small flax conv net with random weights on
 8x8x1 images so that the network cost is real; `--denoiser analytic` uses the exact Gaussian denoiser
-(E[eps | z] = sigma (z - alpha mu) / (alpha^2 s^2 + sigma^2), MATH.md sec. 7) to time the loop itself.
+(E[eps | z] = sigma (z - alpha mu) / (alpha^2 s^2 + sigma^2), docs/math.md sec. 7) to time the loop itself.
 The probability-flow sampler is adaptive: it is timed once per configuration and reports its mean
 number of denoiser evaluations per example (nfe) instead of a step count.
 

@@ -6,7 +6,7 @@ the one-step negative log-likelihood (CDM Thm 3.2, one network evaluation at t =
 the same test points. Three training objectives, as in Table 1 of the CDM paper (Yadin, Elata, Michaeli,
 NeurIPS 2024, arXiv:2402.10095): the full loss, cross-entropy only, denoising MSE only. Also reported:
 the denoiser error E ||eps_hat - E[eps | z]||^2 against the exact posterior mean where it is known
-(Gaussian mixtures, MATH.md sec. 7: E[eps | z] = -sigma grad_z log p_t(z)).
+(Gaussian mixtures, docs/math.md sec. 7: E[eps | z] = -sigma grad_z log p_t(z)).
 
 Datasets (all continuous; no dequantisation, so bits/dim = nats / (D ln 2) with no offset):
   mixture2d: 4 Gaussians N((+-0.5, +-0.5), 0.15^2 I) in 2-D.

@@ -3,11 +3,19 @@
   python -m experiments.main --config=experiments/configs/NAME.py[:words] --workdir=DIR \
       [--mode=train|eval|sample] [--config.key=value ...]
 
+Exit status: 0 done (or stopped by SIGTERM after saving a checkpoint), 130 stopped by SIGINT (Ctrl-C;
+a checkpoint was saved unless Ctrl-C came twice), 3 training.nan_policy='stop' stopped a non-finite run,
+2 a resume whose config changes a guarded key (vdiff.workdir.HARMLESS_KEYS), 75 the work directory is
+locked by another live run, 1 any other error.
+
 Multi-host runs: pass --coordinator_address/--num_processes/--process_id (or the VDIFF_* environment
 variables, see vdiff.parallel.initialize_distributed) to every process.
 """
 
+import difflib
 import json
+import os
+import re
 import sys
 
 from absl import app
@@ -17,6 +25,10 @@ from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 EXIT_NONFINITE = 3  # exit status of a run stopped by training.nan_policy='stop'
+EXIT_CONFIG_CHANGE = 2  # a refused config change, like other command-line argument errors
+EXIT_LOCKED = 75  # EX_TEMPFAIL: another run holds the work directory; try again later
+EXIT_SIGINT = 130  # 128 + SIGINT, as a shell reports a process ended by Ctrl-C
+EXIT_WORKDIR = 1  # any other refusal of the work directory (a checkpoint of another structure, ...)
 config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:words]).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Work directory (checkpoints, metrics, eval.json, samples).")
@@ -27,6 +39,59 @@ flags.DEFINE_integer("process_id", None, "This process's index (multi-host runs)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+EXIT_USAGE = 2  # exit status of a command line that cannot be parsed (an unknown flag or config key)
+
+
+def _config_keys(config, prefix: str = "") -> list[str]:
+  """Every dotted key of a ConfigDict, sections included."""
+  keys = []
+  for key, value in config.items():
+    name = f"{prefix}.{key}" if prefix else key
+    keys.append(name)
+    if hasattr(value, "items"):
+      keys += _config_keys(value, name)
+  return keys
+
+
+def _flag_error_message(error: Exception, argv) -> str:
+  """One line: the unknown config key and its nearest known key, or absl's message."""
+  # The unknown key fails inside the --config flag's own parsing, before the flag holds a value: load the
+  # config file again (its flag's parser) to list the known keys.
+  config = None
+  paths = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")]
+  if paths:
+    try:
+      config = FLAGS["config"].parser.parse(paths[-1])
+    except Exception:  # pylint: disable=broad-except
+      config = None
+  if config is not None:
+    keys = _config_keys(config)
+    for arg in argv[1:]:
+      if arg == "--":
+        break
+      match = re.match(r"--config\.([^=]+)", arg)
+      if match and match.group(1) not in keys:
+        key = match.group(1)
+        nearest = difflib.get_close_matches(key, keys, n=1, cutoff=0.0)
+        return (f"unknown config key {key!r} (from {arg}); the nearest known key is {nearest[0]!r}."
+                if nearest else f"unknown config key {key!r} (from {arg}).")
+  return " ".join(str(error).split())
+
+
+def parse_flags(argv):
+  """absl's flag parsing, except that a bad flag or config key gives one line and exit status 2.
+
+  ml_collections reports an unknown `--config.<key>` as a Python traceback from inside the parser;
+  here it is one line naming the key and the nearest known key, as for any other flag error.
+  """
+  try:
+    return FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    sys.stderr.write(f"FATAL Flags parsing error: {_flag_error_message(e, argv)}\n")
+    sys.stderr.write("Pass --helpshort or --helpfull to see help on flags.\n")
+    sys.exit(EXIT_USAGE)
+
+
 def main(argv):
   del argv
   from vdiff import parallel  # pylint: disable=g-import-not-at-top
@@ -35,17 +100,29 @@ def main(argv):
   from vdiff import train  # pylint: disable=g-import-not-at-top
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
   config = FLAGS.config
-  if FLAGS.mode == "train":
-    try:
+  from vdiff import workdir  # pylint: disable=g-import-not-at-top
+  try:
+    if FLAGS.mode == "train":
       result = train.train_and_evaluate(config, FLAGS.workdir)
-    except train.NonFiniteError as e:
-      print(f"[vdiff] training stopped: {e}", file=sys.stderr, flush=True)
-      sys.exit(EXIT_NONFINITE)
-  elif FLAGS.mode == "eval":
-    result = train.evaluate_checkpoint(config, FLAGS.workdir)
-  else:
-    samples = train.sample_checkpoint(config, FLAGS.workdir)
-    result = {"num_samples": int(samples.shape[0]), "workdir": FLAGS.workdir}
+    elif FLAGS.mode == "eval":
+      result = train.evaluate_checkpoint(config, FLAGS.workdir)
+    else:
+      samples = train.sample_checkpoint(config, FLAGS.workdir)
+      result = {"num_samples": int(samples.shape[0]), "workdir": FLAGS.workdir}
+  except train.NonFiniteError as e:
+    print(f"[vdiff] training stopped: {e}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_NONFINITE)
+  except workdir.WorkdirError as e:
+    print(f"[vdiff] refused: {e}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_CONFIG_CHANGE if isinstance(e, workdir.ConfigChangeError) else
+             EXIT_LOCKED if isinstance(e, workdir.WorkdirLockedError) else EXIT_WORKDIR)
+  except KeyboardInterrupt:
+    print("[vdiff] interrupted (SIGINT): stopped at once; the newest checkpoint is the last saved one.",
+          file=sys.stderr, flush=True)
+    # os._exit: an asynchronous checkpoint write may still be running in orbax's thread, and the
+    # interpreter would wait for it; the next run moves its temporary directory aside.
+    sys.stdout.flush()
+    os._exit(EXIT_SIGINT)  # pylint: disable=protected-access
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0 and FLAGS.mode in ("train", "eval") and "bpd" in result:
     how = result.get("summary", result["estimator"])  # the estimator and its convention
@@ -53,7 +130,9 @@ def main(argv):
           f"{result['step']}): {result['bpd']:.4f} +- {result['bpd_stderr']:.4f}", flush=True)
   elif jax.process_index() == 0:
     print(json.dumps(result), flush=True)
+  if result.get("preempted") and result.get("signal") == "SIGINT":
+    sys.exit(EXIT_SIGINT)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -1,6 +1,6 @@
 """Tests of vdiff.cdm and vdiff.nets.classifier (CDM, Yadin et al., arXiv:2402.10095).
 
-Closed forms first (shared/MATH.md sec. 7): for Gaussian data N(0, s^2 I) the exact noise-level posterior
+Closed forms first (docs/math.md sec. 7): for Gaussian data N(0, s^2 I) the exact noise-level posterior
 is known, so the one-step density (CDM Thm 3.2) and the gradient denoiser (CDM Thm 3.1) are checked to
 float32 precision. Then a small MLP classifier is trained on a 2-D Gaussian mixture whose density is known
 exactly, and the ablations of the paper's Table 1 are checked to be measurably worse.
@@ -27,7 +27,7 @@ SCHEDULE = schedules.linear(gamma_min=-8.0, gamma_max=6.0)
 
 
 def gaussian_logits_fn(abar, s, *, class_prior=None):
-  """Exact log p(t | x) for data N(0, s^2 I) (MATH.md sec. 7):
+  """Exact log p(t | x) for data N(0, s^2 I) (docs/math.md sec. 7):
 
   x_t ~ N(0, v_t I), v_t = abar_t s^2 + 1 - abar_t (v_0 = s^2, v_{T+1} = 1), and
   log p(t | x) = log p_t(t) + log N(x; 0, v_t I) - logsumexp_t'(same).
@@ -71,7 +71,7 @@ def test_abar_grid():
 @pytest.mark.parametrize("s,shape", [(0.5, (6,)), (1.7, (4, 4, 1))])
 @pytest.mark.parametrize("nonuniform_prior", [False, True])
 def test_gaussian_log_density_exact(s, shape, nonuniform_prior):
-  # MATH.md sec. 7: with the exact logits, CDM Thm 3.2 returns log p_{x_t}(x) = log N(x; 0, v_t I),
+  # docs/math.md sec. 7: with the exact logits, CDM Thm 3.2 returns log p_{x_t}(x) = log N(x; 0, v_t I),
   # v_t = abar_t s^2 + 1 - abar_t; at t = 0 that is the data density log N(x; 0, s^2 I).
   abar = cdm.abar_grid(SCHEDULE, T)
   prior = jnp.linspace(1.0, 3.0, T + 2) if nonuniform_prior else None
@@ -88,7 +88,7 @@ def test_gaussian_log_density_exact(s, shape, nonuniform_prior):
 
 @pytest.mark.parametrize("s", [0.3, 2.0])
 def test_gaussian_gradient_denoiser_exact(s):
-  # MATH.md sec. 7: E[eps | z] = sigma (z - alpha mu) / (alpha^2 s^2 + sigma^2) with mu = 0; CDM Thm 3.1
+  # docs/math.md sec. 7: E[eps | z] = sigma (z - alpha mu) / (alpha^2 s^2 + sigma^2) with mu = 0; CDM Thm 3.1
   # with the exact logits must reproduce it. Class i sits at t = i / T; one class per example.
   abar = cdm.abar_grid(SCHEDULE, T)
   i = np.array([1, 2, 7, T // 2, T - 1, T] * 2)
@@ -111,7 +111,7 @@ def test_denoiser_time_grid():
 
 
 def test_one_step_nll_bpd_convention():
-  # MATH.md sec. 4 / vdiff.likelihood: bpd = -log p(y) / (D ln 2) + log2(K / 2) on y = dequantize(k).
+  # docs/math.md sec. 4 / vdiff.likelihood: bpd = -log p(y) / (D ln 2) + log2(K / 2) on y = dequantize(k).
   abar = cdm.abar_grid(SCHEDULE, T)
   s, num_levels = 0.6, 256
   k = jax.random.randint(jax.random.PRNGKey(0), (4, 3, 3, 1), 0, num_levels)
@@ -357,7 +357,7 @@ def mixture_log_density(z, abar_t=None):
 
 
 def mixture_denoiser(z, abar_t):
-  """E[eps | z] = -sigma grad_z log p_t(z) for the mixture (MATH.md sec. 7)."""
+  """E[eps | z] = -sigma grad_z log p_t(z) for the mixture (docs/math.md sec. 7)."""
   grad = jax.grad(lambda z: jnp.sum(mixture_log_density(z, abar_t)))(z)
   return -jnp.sqrt(1.0 - abar_t)[:, None] * grad
 
@@ -426,7 +426,7 @@ def test_trained_mlp_one_step_nll_and_ablations(trained):
 
 
 def test_ddim_with_exact_gradient_denoiser():
-  # MATH.md sec. 7: samplers with the exact denoiser of N(0, s^2 I) return samples of variance ~ s^2,
+  # docs/math.md sec. 7: samplers with the exact denoiser of N(0, s^2 I) return samples of variance ~ s^2,
   # and DDIM eta = 0 is a deterministic map of the initial noise.
   num_steps, s = 100, 0.5
   schedule = schedules.linear(gamma_min=-8.0, gamma_max=8.0)
@@ -450,3 +450,226 @@ def test_ddim_with_trained_classifier(trained):
   # Samples land near the four modes: the mean distance to the nearest mode is a few component stds.
   dist = jnp.min(jnp.linalg.norm(x[:, None] - jnp.asarray(MIX_MEANS)[None], axis=-1), axis=-1)
   assert float(jnp.mean(dist)) < 3 * MIX_STD, float(jnp.mean(dist))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Class grids (ddpm, uniform, schedule) for any T.
+# ----------------------------------------------------------------------------------------------------
+DDPM_ABAR = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000))  # Ho et al. 2020, float64 reference
+
+
+def test_ddpm_grid_at_1000_is_ddpm():
+  abar, sched = cdm.class_grid("ddpm", 1000)
+  chex.assert_shape(abar, (1002,))
+  assert float(abar[0]) == 1.0 and float(abar[-1]) == 0.0
+  # Reference: DDPM's abar in float64; the grid is rounded once to float32 (rel. 6e-8).
+  np.testing.assert_allclose(np.asarray(abar[1:-1], np.float64), DDPM_ABAR, rtol=1.2e-7)
+  # The grid before this construction (float32 gamma knots of schedules.ddpm_linear_beta, then
+  # sigmoid in float32: 1.4e-6 from float64), to that round-off.
+  old = cdm.abar_grid(schedules.ddpm_linear_beta(num_steps=1000), 1000)
+  np.testing.assert_allclose(abar, old, rtol=3e-6)
+  # The samplers' view of the grid: the schedule through it, on t = i / T.
+  np.testing.assert_allclose(sched.discrete_alpha2(1000), abar[:-1], rtol=3e-6)
+
+
+@pytest.mark.parametrize("num_steps", [2, 7, 50, 200, 1000, 3000])
+def test_ddpm_grid_reaches_ddpm_noise_for_any_T(num_steps):
+  # Reference: the T = 1000 DDPM schedule resampled at t = i / T ends at DDPM's abar_1000 = 4.04e-5
+  # (50 linear betas 1e-4..0.02 would end at abar_50 = 0.60); where i / T = j / 1000 it is abar_j.
+  abar, sched = cdm.class_grid("ddpm", num_steps)
+  a = np.asarray(abar, np.float64)
+  np.testing.assert_allclose(a[-2], DDPM_ABAR[-1], rtol=1.2e-7)
+  assert np.all(np.diff(a) < 0)
+  i = np.arange(1, num_steps + 1)
+  on_knot = (i * 1000) % num_steps == 0
+  np.testing.assert_allclose(a[1:-1][on_knot], DDPM_ABAR[(i * 1000 // num_steps)[on_knot] - 1],
+                             rtol=1.2e-7)
+  np.testing.assert_allclose(sched.discrete_alpha2(num_steps), abar[:-1], rtol=3e-6)
+
+
+def test_ddpm_alpha2_between_and_below_knots():
+  # Reference: gamma = log((1 - abar) / abar) is linear in t between DDPM's knots j / 1000 and is
+  # extrapolated linearly from the first two below t = 1 / 1000 (docstring of ddpm_linear_beta_alpha2).
+  gam = np.log1p(-DDPM_ABAR) - np.log(DDPM_ABAR)
+  t = np.array([0.5e-3, 1e-3, 2.5e-3, 0.4005, 1.0])
+  expect_gamma = np.array([1.5 * gam[0] - 0.5 * gam[1], gam[0], 0.5 * (gam[1] + gam[2]),
+                           0.5 * (gam[399] + gam[400]), gam[-1]])
+  got = schedules.ddpm_linear_beta_alpha2(t)
+  np.testing.assert_allclose(np.log1p(-got) - np.log(got), expect_gamma, rtol=1e-12)
+  with pytest.raises(ValueError, match="t must lie in"):
+    schedules.ddpm_linear_beta_alpha2(np.array([0.0, 0.5]))
+  with pytest.raises(ValueError, match="num_betas"):
+    schedules.ddpm_linear_beta_alpha2(np.array([0.5]), num_betas=1)
+
+
+@pytest.mark.parametrize("num_steps", [2, 50, 1000])
+def test_uniform_grid(num_steps):
+  # The CDM paper's uniform grid: sqrt(1 - abar_t) = t / (T + 1), t = 0..T + 1 (arXiv:2402.10095).
+  t = np.arange(num_steps + 2)
+  exact = schedules.uniform_sigma_alpha2(num_steps)
+  # In float64: 1 - abar_t = (t / (T + 1))^2 to a couple of ulps of 1 (the subtraction 1 - abar).
+  np.testing.assert_allclose(1.0 - exact, (t / (num_steps + 1)) ** 2, rtol=0, atol=4.5e-16)
+  abar, sched = cdm.class_grid("uniform", num_steps)
+  # float32 grid: one rounding of the float64 values (half an ulp of numbers <= 1, 6e-8).
+  np.testing.assert_allclose(np.asarray(abar, np.float64), exact, rtol=0, atol=6e-8)
+  assert float(abar[0]) == 1.0 and float(abar[-1]) == 0.0
+  np.testing.assert_allclose(sched.discrete_alpha2(num_steps), abar[:-1], rtol=3e-6)
+
+
+def test_schedule_grid():
+  sched = schedules.cosine(gamma_min=-9.0, gamma_max=7.0)
+  abar, got_sched = cdm.class_grid("schedule", 40, schedule=sched)
+  np.testing.assert_array_equal(abar, cdm.abar_grid(sched, 40))
+  assert got_sched is sched
+  # abar_T = alpha^2(1) = sigmoid(-gamma_max).
+  np.testing.assert_allclose(abar[-2], 1.0 / (1.0 + math.exp(7.0)), rtol=1e-5)
+  with pytest.raises(ValueError, match="needs a schedule"):
+    cdm.class_grid("schedule", 40)
+  with pytest.raises(ValueError, match="unknown CDM grid 'cosine'"):
+    cdm.class_grid("cosine", 40)
+  with pytest.raises(ValueError, match="num_steps must be an integer >= 2"):
+    cdm.class_grid("ddpm", 1)
+
+
+def test_family_grids():
+  from vdiff import models  # pylint: disable=g-import-not-at-top
+  kw = dict(data_shape=(4, 4, 1), num_levels=17, num_steps=12,
+            classifier_kwargs=dict(ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(),
+                                   dropout=0.0, num_groups=4))
+  for grid, spec in (("ddpm", None), ("uniform", None),
+                     ("schedule", models.ScheduleSpec("linear", -7.0, 6.0))):
+    fam = models.CDMFamily(grid=grid, schedule=spec, **kw)
+    ref, _ = cdm.class_grid(grid, 12, schedule=None if spec is None else spec.bind({}))
+    np.testing.assert_array_equal(fam.abar, ref)
+    np.testing.assert_allclose(fam.schedule({}).discrete_alpha2(12), fam.abar[:-1], rtol=3e-6)
+  with pytest.raises(ValueError, match="model.schedule.kind"):
+    models.CDMFamily(grid="schedule", schedule=models.ScheduleSpec("learned_scalar"), **kw)
+
+
+def test_family_loss_applies_the_classifier_once():
+  from vdiff import models  # pylint: disable=g-import-not-at-top
+  kw = dict(data_shape=(4, 4, 1), num_levels=17, num_steps=12,
+            classifier_kwargs=dict(ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(),
+                                   dropout=0.0, num_groups=4))
+  # The loss applies the classifier once (its input gradient and the loss's parameter gradient come
+  # from that one application); a logged one-step bits/dim would be a second, train-mode application.
+  fam = models.CDMFamily(**kw)
+  params = _random_params(jax.eval_shape(fam.init, jax.random.PRNGKey(0)), 0)
+  calls = []
+  net = fam.net
+
+  class Counting:
+    def apply(self, *args, **kwargs):
+      calls.append(kwargs.get("train"))
+      return net.apply(*args, **kwargs)
+
+  fam.net = Counting()
+  batch = {"image": jax.random.randint(jax.random.PRNGKey(1), (3, 4, 4, 1), 0, 17)}
+  rng = jax.random.PRNGKey(2)
+  per_example, terms = jax.jit(lambda p: fam.loss(p, rng, batch, train=True))(params)
+  assert calls == [True]
+  assert sorted(terms) == ["ce", "mse"]
+  # Its value is cdm.loss on the same keys (the family adds nothing to it).
+  r_lab, r_drop, r_deq, r_loss = jax.random.split(rng, 4)
+  del r_lab, r_drop
+  y = likelihood.dequantize(r_deq, batch["image"], 17)
+  ref, _ = cdm.loss(r_loss, y, fam.logits_fn(params, train=False), fam.abar, w_ce=fam.w_ce)
+  np.testing.assert_allclose(per_example, ref, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Argument checks: named errors eagerly, NaN (never a wrapped or truncated class) under jit.
+# ----------------------------------------------------------------------------------------------------
+from hypothesis import given, settings  # pylint: disable=g-import-not-at-top,wrong-import-position
+from hypothesis import strategies as st  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_LOGITS = jnp.asarray(np.random.RandomState(0).randn(4, T + 2), jnp.float32)
+_X = jnp.asarray(np.random.RandomState(1).randn(4, 3), jnp.float32)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(-3 * T, 3 * T))
+def test_class_index_in_range_or_named_error(t):
+  # Reference: F(x, t) = logit[T + 1] - logit[t] (CDM Thm 3.1) for t in {0..T+1}; anything else is
+  # refused (before: t = -1 was the last class, t = T + 50 gave NaN).
+  if 0 <= t <= T + 1:
+    np.testing.assert_array_equal(cdm.log_ratio(_LOGITS, t), _LOGITS[:, -1] - _LOGITS[:, t])
+  else:
+    with pytest.raises(ValueError, match=r"t must hold class indices in \{0..31\}"):
+      cdm.log_ratio(_LOGITS, t)
+    with pytest.raises(ValueError, match=r"t must hold class indices in \{0..31\}"):
+      cdm.log_density(_LOGITS, _X, jnp.full((4,), t, jnp.int32))
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.floats(allow_nan=True, allow_infinity=True, width=32))
+def test_float_class_index_is_refused(t):
+  # Before: t = 0.7 was truncated to class 0.
+  with pytest.raises(TypeError, match="t must hold integer class indices"):
+    cdm.log_density(_LOGITS, _X, t)
+  with pytest.raises(TypeError, match="t must hold integer class indices"):
+    cdm.log_ratio(_LOGITS, jnp.full((4,), t, jnp.float32))
+
+
+def test_out_of_range_class_under_jit_is_nan():
+  # Under jit the values of t are unknown when the function is traced: a class outside {0..T+1} gives
+  # NaN for its example (plain indexing would wrap -1 to T + 1 and clip or fill the others).
+  t = jnp.array([0, -1, T + 50, T + 1], jnp.int32)
+  got = np.asarray(jax.jit(cdm.log_density)(_LOGITS, _X, t))
+  ends = np.array([0, 3])
+  assert np.isfinite(got[0]) and np.isfinite(got[3])
+  assert np.isnan(got[1]) and np.isnan(got[2])
+  np.testing.assert_allclose(got[ends], cdm.log_density(_LOGITS[ends], _X[ends], jnp.array([0, T + 1])),
+                             rtol=1e-6)
+  abar = cdm.abar_grid(SCHEDULE, T)
+  loss, terms = jax.jit(lambda tt: cdm.loss(jax.random.PRNGKey(0), _X, gaussian_logits_fn(abar, 0.5),
+                                            abar, t=tt))(t)
+  assert np.isfinite(loss[0]) and np.isfinite(loss[3]) and np.all(np.isnan(loss[1:3]))
+  with pytest.raises(ValueError, match="t must hold class indices"):
+    cdm.loss(jax.random.PRNGKey(0), _X, gaussian_logits_fn(abar, 0.5), abar, t=t)
+  del terms
+
+
+def test_denoiser_times():
+  abar = cdm.abar_grid(SCHEDULE, T)
+  eps_fn = cdm.make_denoiser(gaussian_logits_fn(abar, 0.5), abar)
+  for bad in (float("nan"), -0.1, 1.5, jnp.array([0.5, 0.5, jnp.nan, 0.5])):
+    with pytest.raises(ValueError, match=r"t must hold times in \[0, 1\]"):
+      eps_fn(_X, bad)
+  with pytest.raises(TypeError, match="t must hold floating-point times"):
+    eps_fn(_X, 1)  # a class index is not a time
+  with pytest.raises(ValueError, match="z holds NaN"):
+    eps_fn(_X.at[0, 0].set(jnp.nan), 0.5)
+  # Under jit: NaN for the examples whose time is NaN or outside [0, 1]; the others as eagerly.
+  t = jnp.array([0.5, jnp.nan, 1.5, -0.1])
+  got = np.asarray(jax.jit(eps_fn)(_X, t))
+  assert np.all(np.isnan(got[1:]))
+  np.testing.assert_allclose(got[0], eps_fn(_X[:1], 0.5)[0], rtol=1e-6)
+
+
+def test_empty_batches_and_examples_are_refused():
+  # Before: ZeroDivisionError (integer modulo by zero) from inside JAX. Shapes are known at trace
+  # time, so jit refuses them too.
+  abar = cdm.abar_grid(SCHEDULE, T)
+  empty = jnp.zeros((0, 3))
+  fn = gaussian_logits_fn(abar, 0.5)
+  with pytest.raises(ValueError, match="x must hold at least one example"):
+    cdm.log_density(jnp.zeros((0, T + 2)), empty)
+  with pytest.raises(ValueError, match="x must hold at least one example"):
+    jax.jit(cdm.log_density)(jnp.zeros((0, T + 2)), empty)
+  with pytest.raises(ValueError, match="x must hold at least one example"):
+    cdm.loss(jax.random.PRNGKey(0), empty, fn, abar)
+  with pytest.raises(ValueError, match="x must hold at least one example"):
+    cdm.one_step_log_density(fn, empty)
+  with pytest.raises(ValueError, match="k must hold at least one example"):
+    cdm.one_step_nll_bpd(fn, jnp.zeros((0, 3), jnp.int32), num_levels=4, rng=jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match="x must hold at least one dimension"):
+    cdm.std_normal_log_density(jnp.zeros((4, 0)))
+  with pytest.raises(ValueError, match="logits must have shape"):
+    cdm.log_ratio(jnp.zeros((0, T + 2)), 0)
+  with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+    cdm.sample_classes(jax.random.PRNGKey(0), 0, T + 2)
+  with pytest.raises(ValueError, match="k must hold levels"):
+    cdm.one_step_nll_bpd(fn, jnp.full((2, 3), 4, jnp.int32), num_levels=4, rng=jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match="x holds NaN"):
+    cdm.one_step_log_density(fn, _X.at[1, 2].set(jnp.nan))

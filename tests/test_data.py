@@ -234,10 +234,11 @@ def test_npz_round_trip(tmp_path):
   assert np.array_equal(tr.images, train) and np.array_equal(te.images, test)
   assert tr.labels.tolist() == [0, 1, 2, 1, 0] and te.labels.tolist() == [2, 2, 0]
   assert tr.num_levels == 256 and tr.num_labels == 3  # uint8 -> 256; labels max + 1.
-  # Rank-3 int images without labels: a channel axis is added, K = max + 1 over both splits.
-  path = data.make_npz(str(tmp_path / "e.npz"), np.array([[[0, 5]]]), np.array([[[9, 1]], [[2, 3]]]))
+  # Rank-3 int images without labels: a channel axis is added; K is the file's num_levels.
+  path = data.make_npz(str(tmp_path / "e.npz"), np.array([[[0, 5]]]), np.array([[[9, 1]], [[2, 3]]]),
+                       num_levels=12)
   te = data.load("npz", split="test", path=path)
-  assert te.images.shape == (2, 1, 2, 1) and te.num_levels == 10 and te.num_labels == 0
+  assert te.images.shape == (2, 1, 2, 1) and te.num_levels == 12 and te.num_labels == 0
   assert te.labels.tolist() == [0, 0]
   # An explicit num_levels wins and is checked.
   path = data.make_npz(str(tmp_path / "f.npz"), np.zeros((2, 2, 2), int), np.ones((1, 2, 2), np.int32),
@@ -249,6 +250,66 @@ def test_npz_round_trip(tmp_path):
     data.make_npz(str(tmp_path / "h.npz"), np.full((2, 2, 2), 4), np.zeros((2, 2, 2), int), num_levels=4)
   with pytest.raises(ValueError, match="split 'valid' is not in"):
     data.load("npz", split="valid", path=path)
+
+
+def test_npz_number_of_levels_is_never_guessed_from_the_values(tmp_path):
+  # 8-bit data whose maximum happens to be 246: the old reader took K = max + 1 = 247 for int32 images,
+  # which moves every bits/dim by the log2(256 / 247) of the dequantisation offset. K comes only from
+  # uint8 (K = 256) or the file's num_levels; anything else is refused, naming the key to set.
+  rng = np.random.RandomState(0)
+  train = rng.randint(0, 247, (6, 4, 4, 1))
+  test = rng.randint(0, 247, (3, 4, 4, 1))
+  train[0, 0, 0, 0] = 246
+  path = str(tmp_path / "int32.npz")
+  np.savez(path, train=train.astype(np.int32), test=test.astype(np.int32))
+  with pytest.raises(ValueError, match=r"no 'num_levels'.*int32.*key 'num_levels'"):
+    data.load("npz", split="train", path=path)
+  with pytest.raises(ValueError, match="num_levels is required"):
+    data.make_npz(str(tmp_path / "x.npz"), train.astype(np.int32), test.astype(np.int32))
+  np.savez(path, train=train.astype(np.uint8), test=test.astype(np.uint8))
+  assert data.load("npz", split="test", path=path).num_levels == 256
+  np.savez(path, train=train.astype(np.int32), test=test.astype(np.int32), num_levels=np.int64(1000))
+  assert data.load("npz", split="test", path=path).num_levels == 1000
+  # A num_levels past 16-bit data (or past int32, where the levels themselves overflow) names the key.
+  for k in (2**40, 2**17):
+    np.savez(path, train=train.astype(np.int32), test=test.astype(np.int32), num_levels=np.int64(k))
+    with pytest.raises(ValueError, match=r"key 'num_levels' of .*num_levels must be <= 65536"):
+      data.load("npz", split="train", path=path)
+  np.savez(path, train=train.astype(np.int32), test=test.astype(np.int32), num_levels=np.float64(17.5))
+  with pytest.raises(ValueError, match="key 'num_levels' .* must be an integer scalar"):
+    data.load("npz", split="train", path=path)
+
+
+def test_npz_splits_of_different_shapes_are_refused(tmp_path):
+  # A 6x6 test split evaluated with the 8x8 training split's D = 64 gives a wrong bits/dim; the reader
+  # refuses the file whichever split is asked for, naming both shapes.
+  path = str(tmp_path / "mixed.npz")
+  np.savez(path, train=np.zeros((4, 8, 8), np.uint8), test=np.zeros((2, 6, 6), np.uint8))
+  for split in ("train", "test"):
+    with pytest.raises(ValueError, match=r"differ in shape.*\(8, 8, 1\).*\(6, 6, 1\)|"
+                                         r"differ in shape.*\(6, 6, 1\).*\(8, 8, 1\)"):
+      data.load("npz", split=split, path=path)
+  with pytest.raises(ValueError, match=r"one example shape.*\(8, 8, 1\) and \(6, 6, 1\)"):
+    data.make_npz(str(tmp_path / "y.npz"), np.zeros((4, 8, 8), np.uint8), np.zeros((2, 6, 6), np.uint8))
+
+
+def test_labels_outside_num_labels_are_refused(tmp_path):
+  images = np.zeros((3, 2, 2, 1), np.uint8)
+  for labels in ([0, 1, 10], [0, -1, 2]):
+    with pytest.raises(ValueError, match=r"labels of 'toy' must lie in .* = \{0..9\}, got values in"):
+      data.Dataset(images=images, labels=labels, num_levels=4, name="toy", num_labels=10)
+  assert data.Dataset(images=images, labels=[0, 9, 3], num_levels=4, name="toy", num_labels=10)
+  # The .npz reader names the key: labels past the file's num_labels, and negative labels.
+  path = str(tmp_path / "labels.npz")
+  np.savez(path, train=images, test=images, train_labels=np.array([0, 3, 1]),
+           test_labels=np.array([0, 1, 2]), num_labels=np.int64(3))
+  with pytest.raises(ValueError, match=r"key 'train_labels' of .* \[0, 3\], outside \{0..num_labels-1\}"):
+    data.load("npz", split="train", path=path)
+  assert data.load("npz", split="test", path=path).num_labels == 3
+  np.savez(path, train=images, test=images, train_labels=np.array([0, -2, 1]),
+           test_labels=np.array([0, 1, 2]))
+  with pytest.raises(ValueError, match=r"key 'train_labels' .* \[-2, 1\]"):
+    data.load("npz", split="train", path=path)
 
 
 # ------------------------------------------------------------------------------- known-density data
@@ -317,7 +378,7 @@ def test_gaussian_entropy_monte_carlo_matches_exact_summation(num_levels):
 
 
 def test_discrete_entropy_approaches_differential_entropy_as_levels_grow():
-  # H_K = -E log2 P(k) / D -> h + log2(K / 2) (MATH.md sec. 4; the bin width is Delta = 2 / K), with
+  # H_K = -E log2 P(k) / D -> h + log2(K / 2) (docs/math.md sec. 4; the bin width is Delta = 2 / K), with
   # h = 1/2 log2(2 pi e s^2) bits/dim for N(mu, s^2 I); s <= 0.12 keeps the clipped mass below 1e-15.
   # The gap is Sheppard's correction, mean_i (Delta / s_i)^2 / (24 ln 2) + O(Delta^4): it falls 16-fold
   # per 4-fold K.

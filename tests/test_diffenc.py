@@ -3,12 +3,12 @@
 References used below:
   * VDM's losses (vdiff.vdm, arXiv:2107.00630): the identity encoder with d_hat = 0 must reproduce them.
   * Exact per-step Gaussian KLs of the DiffEnc reverse process, evaluated independently in float64 numpy
-    from the joint-Gaussian posterior (MATH.md sec. 3): their T-step sum must converge to the library's
+    from the joint-Gaussian posterior (docs/math.md sec. 3): their T-step sum must converge to the library's
     continuous-time loss as T grows.
-  * E[x | z] of Gaussian data x ~ N(mu, s^2) (MATH.md sec. 7) pushed through the non-trainable encoder:
+  * E[x | z] of Gaussian data x ~ N(mu, s^2) (docs/math.md sec. 7) pushed through the non-trainable encoder:
     z = alpha^3 x + sigma eps, so E[eps | z] = sigma (z - alpha^3 mu) / (alpha^6 s^2 + sigma^2).
   * Closed-form encoder derivatives: d(alpha^2 x)/d gamma = -sigma^2 alpha^2 x; central finite differences.
-  * The published v-form of the loss (DiffEnc code; MATH.md sec. 3).
+  * The published v-form of the loss (DiffEnc code; docs/math.md sec. 3).
 """
 
 import functools
@@ -59,7 +59,7 @@ SCHEDULES = {"linear": schedules.linear(), "cosine": schedules.cosine()}
 @pytest.mark.parametrize("schedule_name", ["linear", "cosine"])
 @pytest.mark.parametrize("num_steps", [None, 10])
 def test_identity_encoder_without_shift_is_vdm(schedule_name, num_steps):
-  # Reference: vdm.diffusion_loss (MATH.md sec. 3: SNR ||x - x_hat||^2 = ||eps - eps_hat||^2).
+  # Reference: vdm.diffusion_loss (docs/math.md sec. 3: SNR ||x - x_hat||^2 = ||eps - eps_hat||^2).
   schedule = SCHEDULES[schedule_name]
   x, eps = _data(batch=6)
   t = jnp.linspace(0.01, 0.99, 6)
@@ -88,7 +88,7 @@ def test_identity_encoder_negative_elbo_is_vdm():
 
 
 def test_negative_elbo_uses_encoded_endpoints():
-  # Reference: MATH.md sec. 3 -- prior on x_1 = enc(x, gamma_1), reconstruction on x_0 = enc(x, gamma_0).
+  # Reference: docs/math.md sec. 3 -- prior on x_1 = enc(x, gamma_1), reconstruction on x_0 = enc(x, gamma_0).
   schedule = schedules.linear()
   x, _ = _data(batch=3, shape=(2, 2, 1))
   enc = diffenc.nontrainable_encoder()
@@ -129,7 +129,7 @@ def _reference_step_kls(x, eps, num_steps):
   q: the joint Gaussian of z_s ~ N(alpha_s x_s, sigma_s^2), z_t | z_s ~ N(alpha_{t|s} z_s + alpha_t (x_t
   - x_s), sigma_{t|s}^2) gives mu_Q = alpha_s x_s + (alpha_{t|s} sigma_s^2 / sigma_t^2)(z_t - alpha_t x_t),
   var_Q = sigma_{t|s}^2 sigma_s^2 / sigma_t^2. p: the same with x_s, x_t -> x_hat plus the modelled shift
-  alpha_s (gamma_s - gamma_t)(-sigma_t^2 x_hat), and var_P = var_Q (MATH.md sec. 3, w = 1).
+  alpha_s (gamma_s - gamma_t)(-sigma_t^2 x_hat), and var_P = var_Q (docs/math.md sec. 3, w = 1).
   Linear schedule, non-trainable encoder x_t = alpha_t^2 x, Gaussian-optimal x_hat.
   """
   i = np.arange(1, num_steps + 1)[:, None, None]
@@ -150,7 +150,7 @@ def _reference_step_kls(x, eps, num_steps):
 
 
 def test_t_step_loss_converges_to_continuous():
-  # References: float64 per-step Gaussian KLs (above) and the continuous formula of MATH.md sec. 3
+  # References: float64 per-step Gaussian KLs (above) and the continuous formula of docs/math.md sec. 3
   # evaluated in float64; the library's float32 losses must match both, and the T-step sum must approach
   # the continuous integral at rate O(1/T).
   schedule = schedules.linear()
@@ -205,7 +205,7 @@ def test_t_step_loss_converges_to_continuous():
 # ----------------------------------------------------------------------------------------------------
 def test_v_form_of_published_code():
   # Reference: DiffEnc's published v-form, 1/2 gamma' alpha^2 ||v - v_hat + sigma (x_hat - x_t + y +
-  # dy/dgamma)||^2 with v = alpha eps - sigma x_t, v_hat = alpha eps_hat - sigma x_hat (MATH.md sec. 3).
+  # dy/dgamma)||^2 with v = alpha eps - sigma x_t, v_hat = alpha eps_hat - sigma x_hat (docs/math.md sec. 3).
   schedule = schedules.cosine()
   enc = diffenc.trainable_encoder(_smooth_y_fn)
   eps_fn = _gaussian_eps_fn(schedule)
@@ -233,7 +233,7 @@ def test_v_form_of_published_code():
 
 @pytest.mark.parametrize("num_steps", [None, 50])
 def test_x_hat_fn_matches_eps_fn(num_steps):
-  # Reference: the same model given as x_hat = (z - sigma eps_hat) / alpha (MATH.md sec. 0).
+  # Reference: the same model given as x_hat = (z - sigma eps_hat) / alpha (docs/math.md sec. 0).
   schedule = schedules.linear()
   enc = diffenc.nontrainable_encoder()
   eps_fn = _gaussian_eps_fn(schedule)
@@ -253,7 +253,7 @@ def test_x_hat_fn_matches_eps_fn(num_steps):
 
 
 def test_nontrainable_shift_is_exact_for_perfect_prediction():
-  # Reference: d_hat = -sigma^2 x_hat is the exact derivative of alpha^2 x when x_hat = x_t (MATH.md
+  # Reference: d_hat = -sigma^2 x_hat is the exact derivative of alpha^2 x when x_hat = x_t (docs/math.md
   # sec. 3), so a model that predicts x_t exactly has zero continuous loss; without the shift it does not.
   schedule = schedules.linear()
   enc = diffenc.nontrainable_encoder()
@@ -390,3 +390,61 @@ def test_trainable_encoder_with_network_jvp_matches_finite_differences(tiny_net)
   scale = np.max(np.abs(d))
   np.testing.assert_allclose(d, fd, rtol=0, atol=1e-3 * scale)
   np.testing.assert_allclose(d, product_rule, rtol=1e-5, atol=1e-6 * scale)
+
+
+@pytest.mark.parametrize("num_steps", [1000, 10_000])
+def test_t_step_weight_matches_float64(num_steps):
+  # With x = 0 the non-trainable encoder's offsets vanish; with d_hat = 0 (model_shift=False), eps = 1 and
+  # eps_hat = 0 the T-step loss is T/2 expm1(gamma_t - gamma_s) D, exactly T/2 expm1((g1 - g0) / T) for
+  # the linear schedule (reference: float64), on every step i = 1..T. A weight from float32 t, s and
+  # two float32 gammas is off by 3.0e-5 (T = 1000) and 3.0e-4 (T = 10^4) relatively under jit.
+  T = num_steps
+  t = (jnp.arange(T, dtype=jnp.float32) + 0.5) / T
+  loss = jax.jit(lambda t: diffenc.diffusion_loss(
+      jnp.zeros((T, 1)), t, jnp.ones((T, 1)), schedule=schedules.linear(),
+      encoder=diffenc.nontrainable_encoder(), eps_fn=lambda z, t: jnp.zeros_like(z), num_steps=T,
+      model_shift=False))(t)
+  ref = 0.5 * T * np.expm1((schedules.GAMMA_MAX - schedules.GAMMA_MIN) / T)
+  err = np.max(np.abs(np.asarray(loss, np.float64) / ref - 1.0))
+  assert err < 1e-6, err
+
+
+def _tiny_family(encoder_kind):
+  from vdiff import models
+  return models.DiffEncFamily(
+      encoder_kind=encoder_kind, encoder_kwargs=dict(ch=4, ch_mult=(1,), num_res_blocks=1,
+                                                     attn_resolutions=(), num_groups=2),
+      data_shape=(4, 4, 1), num_levels=17, schedule=models.ScheduleSpec("linear"),
+      score_kwargs=dict(ch=4, num_blocks=1, dropout=0.0, attention=False, num_groups=2))
+
+
+@pytest.mark.parametrize("encoder_kind", ["identity", "nontrainable", "trainable"])
+def test_family_sample_gives_every_sampler_the_encoder_shift(encoder_kind, monkeypatch):
+  # DiffEncFamily.sample must call each sampler with encoder_shift=True (identity encoder: False) and
+  # clip_x0 only where given; every sampler is supported, and a sampler the family does not know, or
+  # clip_x0 for a sampler that never clips, is refused by name before any sampling work (params=None).
+  # The samplers are replaced by recorders (their maths is tested in test_samplers.py).
+  from vdiff import samplers
+  calls = {}
+  for fn_name in ("vdm_ancestral", "ddpm", "ddim", "probability_flow_sample"):
+    monkeypatch.setattr(samplers, fn_name, lambda *a, _n=fn_name, **kw: calls.setdefault(_n, kw))
+  fam = _tiny_family(encoder_kind)
+  fam.schedule = lambda params: schedules.linear()       # params=None: nothing is initialised
+  fam.guided_eps_fn = lambda params, label, w: (lambda z, t: z)
+  assert fam.supported_samplers == ("vdm_ancestral", "ddpm", "ddim", "ode")
+  rng = jax.random.PRNGKey(1)
+  for name in fam.supported_samplers:
+    fam.sample(None, rng, 3, num_steps=4, sampler=name)
+  assert sorted(calls) == ["ddim", "ddpm", "probability_flow_sample", "vdm_ancestral"]
+  for kw in calls.values():
+    assert kw["encoder_shift"] is (encoder_kind != "identity") and kw["num_levels"] == 17
+    assert "clip_x0" not in kw                           # None: the sampler's own default
+  calls.clear()
+  fam.sample(None, rng, 3, num_steps=4, sampler="ddim", clip_x0=True)
+  assert calls["ddim"]["clip_x0"] is True
+  with pytest.raises(ValueError, match="sample.sampler='euler' is not supported"):
+    fam.sample(None, rng, 3, sampler="euler")
+  with pytest.raises(ValueError, match="sample.clip_x0=True applies to the samplers"):
+    fam.sample(None, rng, 3, sampler="vdm_ancestral", clip_x0=True)
+  with pytest.raises(ValueError, match="sample.clip_x0 must be None"):
+    fam.sample(None, rng, 3, sampler="ddpm", clip_x0="yes")

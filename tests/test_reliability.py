@@ -85,10 +85,16 @@ def test_truncated_latest_checkpoint_falls_back(tmp_path):
   assert cut > 0
   state, step = _restore(workdir)
   assert step == 10 and _finite(state.params)
-  # Resuming continues from step 10 and ends at 20 again.
+  # The unreadable step is kept for inspection, out of the way of the step that replaces it.
+  ckpt = os.path.join(workdir, "checkpoints")
+  assert os.listdir(os.path.join(ckpt, "corrupt")) == ["20"]
+  # Resuming continues from step 10, ends at 20 again and saves step 20 again (old code: orbax skipped
+  # the save of an existing step, and the truncated checkpoint stayed the newest).
   proc = _cli(workdir)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "resumed from the checkpoint at step 10" in proc.stdout
+  state, step = _restore(workdir)
+  assert step == 20 and int(state.step) == 20 and _finite(state.ema_params)
 
 
 def test_nonfinite_state_is_never_saved(tmp_path):

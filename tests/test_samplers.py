@@ -1,4 +1,4 @@
-"""Samplers against closed forms for Gaussian data x ~ N(mu, s^2 I) and its exact denoiser (MATH.md sec. 7)."""
+"""Samplers against closed forms for Gaussian data x ~ N(mu, s^2 I) and its exact denoiser (docs/math.md sec. 7)."""
 
 import functools
 
@@ -21,10 +21,10 @@ DDPM_BETA = schedules.ddpm_linear_beta()
 
 
 def gaussian_eps_fn(schedule, mu=MU, s=S, power=1):
-  """E[eps | z_t] = sigma (z - a mu) / (a^2 s^2 + sigma^2) for z_t = a x + sigma eps (MATH.md sec. 7).
+  """E[eps | z_t] = sigma (z - a mu) / (a^2 s^2 + sigma^2) for z_t = a x + sigma eps (docs/math.md sec. 7).
 
   power=1: a = alpha_t (plain diffusion). power=3: a = alpha_t^3, the DiffEnc non-trainable encoder
-  x_t = alpha_t^2 x diffused as z_t = alpha_t x_t + sigma_t eps (MATH.md sec. 3).
+  x_t = alpha_t^2 x diffused as z_t = alpha_t x_t + sigma_t eps (docs/math.md sec. 3).
   """
 
   def eps_fn(z, t):
@@ -57,8 +57,9 @@ def limit_moments(name, schedule):
 
 
 SAMPLERS = {
-    "ddpm_small": functools.partial(samplers.ddpm, variance="small"),
-    "ddpm_large": functools.partial(samplers.ddpm, variance="large"),
+    # Gaussian data leave [-1, 1]: DDPM's default clipping of x0_hat is switched off for these closed forms.
+    "ddpm_small": functools.partial(samplers.ddpm, variance="small", clip_x0=False),
+    "ddpm_large": functools.partial(samplers.ddpm, variance="large", clip_x0=False),
     "ddim_eta0": functools.partial(samplers.ddim, eta=0.0),
     "ddim_eta1": functools.partial(samplers.ddim, eta=1.0),
     "vdm": samplers.vdm_ancestral,
@@ -121,18 +122,19 @@ def test_ddim_eta0_is_a_deterministic_map_of_the_initial_noise():
 
 
 def test_vdm_ancestral_equals_ddpm_small_variance_step():
-  # MATH.md sec. 5: c = -expm1(gamma_s - gamma_t); alpha_s/alpha_t (z_t - sigma_t c eps_hat) + sigma_s sqrt(c) eps'
+  # docs/math.md sec. 5: c = -expm1(gamma_s - gamma_t); alpha_s/alpha_t (z_t - sigma_t c eps_hat) + sigma_s sqrt(c) eps'
   # is DDPM's posterior mean and beta_tilde. Same key -> same z_T and eps' (shared noise layout).
   eps_fn = gaussian_eps_fn(DDPM_BETA)
   shape, steps = (256, 3), 50
 
   @jax.jit
   def run(rng):
-    _, traj_ddpm = samplers.ddpm(rng, eps_fn, DDPM_BETA, shape, num_steps=steps, return_trajectory=True)
+    _, traj_ddpm = samplers.ddpm(rng, eps_fn, DDPM_BETA, shape, num_steps=steps, return_trajectory=True,
+                                 clip_x0=False)
     x_vdm, traj_vdm = samplers.vdm_ancestral(rng, eps_fn, DDPM_BETA, shape, num_steps=steps,
                                              return_trajectory=True)
     a = samplers.ddim(rng, eps_fn, DDPM_BETA, shape, num_steps=10, eta=1.0, grid_steps=1000)
-    b = samplers.ddpm(rng, eps_fn, DDPM_BETA, shape, num_steps=10)
+    b = samplers.ddpm(rng, eps_fn, DDPM_BETA, shape, num_steps=10, clip_x0=False)
     return traj_ddpm, x_vdm, traj_vdm, a, b
 
   traj_ddpm, x_vdm, traj_vdm, a, b = run(jax.random.PRNGKey(4))
@@ -160,7 +162,7 @@ def test_diffenc_shift_one_step_and_consistency():
 
   t_shift, t_plain, x_shift, x_plain = run(jax.random.PRNGKey(5))
   # First step, t = 1 -> s = 3/4, same noise: the difference is the modelled shift
-  # -alpha_s (gamma_s - gamma_t) sigma_t^2 x_hat, x_hat = (z_t - sigma_t eps_hat) / alpha_t (MATH.md sec. 3).
+  # -alpha_s (gamma_s - gamma_t) sigma_t^2 x_hat, x_hat = (z_t - sigma_t eps_hat) / alpha_t (docs/math.md sec. 3).
   z1 = t_shift[0]
   g_t, g_s = sched.gamma(1.0), sched.gamma(0.75)
   a_t, s_t = schedules.alpha_from_gamma(g_t), schedules.sigma_from_gamma(g_t)
@@ -283,3 +285,218 @@ def test_ddim_timesteps(spacing, num_steps, grid_steps):
   assert tau.shape == (num_steps,) and tau[-1] == grid_steps and tau[0] >= 1 and np.all(np.diff(tau) > 0)
   if spacing == "uniform" and grid_steps % num_steps == 0:
     np.testing.assert_array_equal(tau, np.arange(1, num_steps + 1) * (grid_steps // num_steps))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Step-by-step against float64 reference samplers (DDPM's and DDIM's reference code, re-written in numpy).
+# ----------------------------------------------------------------------------------------------------
+def _step_noise(rng, shape, num_steps):
+  """The eps' of each step in the samplers' shared noise layout (module docstring), float64."""
+  _, rng_steps = jax.random.split(rng)
+  keys = jax.random.split(rng_steps, num_steps)
+  return np.asarray(jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys), np.float64)
+
+
+def _ddpm_abar64(T=1000):
+  """Ho et al. 2020: betas linspace(1e-4, 0.02, T), abar_i = prod (1 - beta), abar_0 = 1; float64."""
+  beta = np.concatenate([[0.0], np.linspace(1e-4, 0.02, T)])
+  return beta, np.cumprod(1.0 - beta)
+
+
+def _toy_eps(z):
+  # A denoiser whose x0_hat leaves [-1, 1] at most steps, so that clipping matters.
+  return 0.5 * z
+
+
+def _rel_err(got, ref):
+  return float(np.max(np.abs(np.asarray(got, np.float64) - ref) / (1.0 + np.abs(ref))))
+
+
+@pytest.mark.parametrize("variance", ["small", "large"])
+def test_ddpm_steps_match_float64_reference(variance):
+  # Reference: DDPM's sampler (Ho et al. 2020, Algorithm 2; official code p_sample with
+  # clip_denoised=True: x0_hat clipped to [-1, 1] before the posterior mean) in float64 from the betas,
+  # applied to each state of vdiff's trajectory with the same eps'. Default clip_x0 must clip (an
+  # unclipped sampler is off by up to 2.3 relatively here); clip_x0=False must be the unclipped chain.
+  # Both to float32 round-off (measured 1.9e-7): the grid comes from the betas (a grid from float32
+  # gamma knots has beta off by 1.2e-4 and step errors of 1.7e-5 relatively).
+  T, shape = 1000, (64, 3)
+  rng = jax.random.PRNGKey(11)
+  beta, abar = _ddpm_abar64(T)
+  noise = _step_noise(rng, shape, T)
+  eps_fn = lambda z, t: _toy_eps(z)
+
+  def reference(traj, clip):
+    out = []
+    for k in range(T):
+      i, z = T - k, traj[k]
+      x0 = (z - np.sqrt(1 - abar[i]) * _toy_eps(z)) / np.sqrt(abar[i])
+      if clip:
+        x0 = np.clip(x0, -1.0, 1.0)
+      if i == 1:
+        out.append(x0)
+        continue
+      mean = (beta[i] * np.sqrt(abar[i - 1]) * x0
+              + (1 - abar[i - 1]) * np.sqrt(1 - beta[i]) * z) / (1 - abar[i])
+      var = beta[i] * (1 - abar[i - 1]) / (1 - abar[i]) if variance == "small" else beta[i]
+      out.append(mean + np.sqrt(var) * noise[k])
+    return np.stack(out)
+
+  for kw, clip in (({}, True), ({"clip_x0": False}, False)):
+    _, traj = jax.jit(lambda r: samplers.ddpm(r, eps_fn, DDPM_BETA, shape, num_steps=T, variance=variance,
+                                              return_trajectory=True, **kw))(rng)
+    traj = np.asarray(traj, np.float64)
+    err = _rel_err(traj[1:], reference(traj[:-1], clip))
+    assert err < 1e-6, (kw, err)
+    if clip:
+      assert np.max(np.abs(traj[-1])) <= 1.0
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_ddim_steps_match_float64_reference(eta):
+  # Reference: ermongroup/ddim functions/denoising.py generalized_steps in float64 (no clipping there),
+  # x0_t = (x - sqrt(1 - a_t) e) / sqrt(a_t), c1 = eta sqrt((1 - a_t / a_next)(1 - a_next) / (1 - a_t)),
+  # c2 = sqrt(1 - a_next - c1^2), x_next = sqrt(a_next) x0_t + c1 eps' + c2 e, on vdiff's sub-grid tau.
+  # clip_x0=True clips x0_t and keeps e (diffusers' DDIMScheduler default, use_clipped_model_output=False).
+  S, T, shape = 50, 1000, (64, 3)
+  rng = jax.random.PRNGKey(12)
+  _, abar = _ddpm_abar64(T)
+  noise = _step_noise(rng, shape, S)
+  tau = samplers.ddim_timesteps(S, T)
+  eps_fn = lambda z, t: _toy_eps(z)
+
+  def reference(traj, clip):
+    out = []
+    for k in range(S):
+      i, j, z = tau[S - 1 - k], (tau[S - 2 - k] if k < S - 1 else 0), traj[k]
+      e = _toy_eps(z)
+      x0 = (z - np.sqrt(1 - abar[i]) * e) / np.sqrt(abar[i])
+      if clip:
+        x0 = np.clip(x0, -1.0, 1.0)
+      c1 = eta * np.sqrt((1 - abar[i] / abar[j]) * (1 - abar[j]) / (1 - abar[i]))
+      c2 = np.sqrt(max(1 - abar[j] - c1**2, 0.0))
+      out.append(np.sqrt(abar[j]) * x0 + c1 * noise[k] + c2 * e)
+    return np.stack(out)
+
+  for kw, clip in (({}, False), ({"clip_x0": True}, True)):
+    _, traj = jax.jit(lambda r: samplers.ddim(r, eps_fn, DDPM_BETA, shape, num_steps=S, eta=eta,
+                                              grid_steps=T, return_trajectory=True, **kw))(rng)
+    traj = np.asarray(traj, np.float64)
+    err = _rel_err(traj[1:], reference(traj[:-1], clip))
+    assert err < 1e-6, (kw, err)
+  assert np.max(np.abs(traj[-1])) <= 1.0
+
+
+def test_vdm_ancestral_steps_match_float64_reference():
+  # Reference: the VDM step z_s = (alpha_s / alpha_t) z_t + sigma_s sqrt(c) eps', c = -expm1(gamma_s -
+  # gamma_t) (docs/math.md sec. 5), in float64 on the exact linear gammas, applied to each state of the
+  # trajectory with the same eps' (eps_hat = 0 isolates the coefficients). T = 1000: a c from float32
+  # t and s is off by ~3e-5 relatively (max step error 5.3e-6); from (i, T), float32 round-off (3e-7).
+  T, shape = 1000, (256, 2)
+  rng = jax.random.PRNGKey(3)
+  _, traj = jax.jit(lambda r: samplers.vdm_ancestral(r, lambda z, t: jnp.zeros_like(z), LINEAR, shape,
+                                                     num_steps=T, return_trajectory=True))(rng)
+  traj = np.asarray(traj, np.float64)
+  noise = _step_noise(rng, shape, T)
+  i = np.arange(T, 0, -1)[:, None, None]
+  g_t, g_s = -13.3 + 18.3 * i / T, -13.3 + 18.3 * (i - 1) / T
+  log_alpha2 = lambda g: -np.logaddexp(0.0, g)
+  ratio = np.exp(0.5 * (log_alpha2(g_s) - log_alpha2(g_t)))
+  sigma_s = np.exp(0.5 * log_alpha2(-g_s))
+  ref = ratio * traj[:-1] + sigma_s * np.sqrt(-np.expm1(g_s - g_t)) * noise
+  err = _rel_err(traj[1:], ref)
+  assert err < 1e-6, err
+
+
+# ----------------------------------------------------------------------------------------------------
+# DiffEnc: every sampler models the encoder's mean shift.
+# ----------------------------------------------------------------------------------------------------
+DIFFENC_MU, DIFFENC_S = 0.5, 0.2
+DIFFENC_SAMPLERS = {
+    "vdm_ancestral": samplers.vdm_ancestral,
+    "ddpm_small": functools.partial(samplers.ddpm, variance="small", clip_x0=False),
+    "ddpm_large": functools.partial(samplers.ddpm, variance="large", clip_x0=False),
+    "ddim_eta0": functools.partial(samplers.ddim, eta=0.0, grid_steps=1000),
+    "ddim_eta1": functools.partial(samplers.ddim, eta=1.0, grid_steps=1000),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _diffenc_moments(encoder_shift):
+  # The exact denoiser of the non-trainable encoder's process: x_t = alpha_t^2 x, z_t = alpha_t x_t +
+  # sigma_t eps = alpha_t^3 x + sigma_t eps, so E[eps | z_t] is docs/math.md sec. 7's with alpha -> alpha^3.
+  eps_fn = gaussian_eps_fn(LINEAR, mu=DIFFENC_MU, s=DIFFENC_S, power=3)
+  shape = (8192, 2)
+
+  @jax.jit
+  def run(rng):
+    out = {}
+    for name, fn in DIFFENC_SAMPLERS.items():
+      x = fn(rng, eps_fn, LINEAR, shape, num_steps=500, encoder_shift=encoder_shift)
+      out[name] = (jnp.mean(x), jnp.std(x))
+    x = samplers.probability_flow_sample(rng, eps_fn, LINEAR, (1024, 1), encoder_shift=encoder_shift)
+    out["ode"] = (jnp.mean(x), jnp.std(x))
+    return out
+
+  return {k: tuple(float(a) for a in v) for k, v in run(jax.random.PRNGKey(0)).items()}
+
+
+@pytest.mark.parametrize("name", list(DIFFENC_SAMPLERS) + ["ode"])
+def test_diffenc_shift_every_sampler_matches_data_moments(name):
+  # Data N(0.5, 0.2^2), 500 steps (the ODE adaptive). Each sampler returns an estimate of x_0 =
+  # enc(x, gamma_0) = alpha_0^2 x (alpha_0^2 = 1 - 1.7e-6) or of x itself, so mean and std must be
+  # 0.5 / 0.2 within 4 Monte-Carlo standard errors + 2e-3 (the O(1/T) discretisation and the start
+  # from N(0, I); DDPM "large" has its known excess variance, + 5e-3). Without the shift, measured on
+  # the same draws: ddpm 0.456 / 0.193, ddim (eta = 0) 0.377 / 0.185, ode 0.380 / 0.181.
+  n = 1024 if name == "ode" else 16384
+  se_mean, se_std = DIFFENC_S / np.sqrt(n), DIFFENC_S / np.sqrt(2 * n)
+  mean, std = _diffenc_moments(True)[name]
+  assert abs(mean - DIFFENC_MU) < 4 * se_mean + 2e-3, (mean, std)
+  assert abs(std - DIFFENC_S) < 4 * se_std + (7e-3 if name == "ddpm_large" else 2e-3), (mean, std)
+  # The shift is what makes it right: without it every sampler is off by far more than the bound.
+  plain_mean, _ = _diffenc_moments(False)[name]
+  assert DIFFENC_MU - plain_mean > 0.03, plain_mean
+
+
+def test_diffenc_ddim_eta1_is_ddpm_with_the_shift():
+  # DDIM with eta = 1 on the full grid is DDPM "small" (also with the encoder shift: x_prev_hat replaces
+  # x0_hat in both), and DDPM with the shift is VDM ancestral with the shift on every step but the last
+  # (DDPM's last goes to abar_0 = 1, VDM's to gamma(0)). Same key -> same noise.
+  eps_fn = gaussian_eps_fn(LINEAR, mu=DIFFENC_MU, s=DIFFENC_S, power=3)
+  shape, T = (128, 2), 50
+  kw = dict(num_steps=T, encoder_shift=True, return_trajectory=True)
+
+  @jax.jit
+  def run(rng):
+    return (samplers.ddim(rng, eps_fn, LINEAR, shape, eta=1.0, grid_steps=T, **kw)[1],
+            samplers.ddpm(rng, eps_fn, LINEAR, shape, clip_x0=False, **kw)[1],
+            samplers.vdm_ancestral(rng, eps_fn, LINEAR, shape, **kw)[1])
+
+  t_ddim, t_ddpm, t_vdm = run(jax.random.PRNGKey(9))
+  np.testing.assert_allclose(t_ddim, t_ddpm, atol=2e-5, rtol=1e-5)
+  np.testing.assert_allclose(t_vdm[:-1], t_ddpm[:-1], atol=2e-5, rtol=1e-5)
+
+
+def test_nan_denoiser_never_decodes_to_valid_levels():
+  # A diverged (NaN) denoiser: the float samples are NaN, and decoded levels are -1 (outside {0..K-1}),
+  # eagerly and under jit. Casting NaN to int32 would give level 0: an all-black, valid-looking image.
+  nan_fn = lambda z, t: jnp.full_like(z, jnp.nan)
+  rng, shape = jax.random.PRNGKey(0), (4, 3)
+  for fn in (samplers.ddim, samplers.ddpm, samplers.vdm_ancestral):
+    assert np.all(np.isnan(fn(rng, nan_fn, LINEAR, shape, num_steps=5)))
+    levels = fn(rng, nan_fn, LINEAR, shape, num_steps=5, num_levels=17)
+    assert levels.dtype == jnp.int32 and np.all(np.asarray(levels) == -1), levels
+    jitted = jax.jit(lambda r: fn(r, nan_fn, LINEAR, shape, num_steps=5, num_levels=17))(rng)
+    assert np.all(np.asarray(jitted) == -1), jitted
+  # A finite sample still decodes to a level in {0..K-1} (one NaN entry does not spoil the others).
+  part = lambda z, t: jnp.where(jnp.arange(3) == 1, jnp.nan, 0.5 * z)
+  levels = np.asarray(samplers.ddim(rng, part, LINEAR, shape, num_steps=5, num_levels=17))
+  assert np.all(levels[:, 1] == -1) and np.all((levels[:, [0, 2]] >= 0) & (levels[:, [0, 2]] < 17))
+
+
+@pytest.mark.parametrize("num_levels", [17.5, 1, True, "17"])
+def test_num_levels_must_be_an_integer(num_levels):
+  # A check of num_levels < 2 alone would accept 17.5 (and decode with a fractional K).
+  for fn in (samplers.ddim, samplers.ddpm, samplers.vdm_ancestral):
+    with pytest.raises(ValueError, match="num_levels must be an integer >= 2"):
+      fn(jax.random.PRNGKey(0), gaussian_eps_fn(LINEAR), LINEAR, (4, 2), num_steps=5, num_levels=num_levels)

@@ -1,4 +1,4 @@
-"""Train at scale (shared/DESIGN.md, "Scale"): devices, processes, preemption and TFDS, end to end on CPU.
+"""Train at scale (docs/design.md, "Scale"): devices, processes, preemption and TFDS, end to end on CPU.
 
 Every run is the real command line (`python -m experiments.main`) on the `:tiny` quickstart config with
 the same flags (`_FLAGS`), in a subprocess whose XLA_FLAGS give it N CPU devices
@@ -11,6 +11,7 @@ runs' checkpoints are restored in this process (one CPU device) and compared lea
   * SIGKILL after a checkpoint, then the same command again: the state of the run that was never killed
     (1e-6; data order and rng are functions of the step);
   * SIGTERM: exit status 0, a checkpoint at the step the signal arrived, an {"event": "preempted"} row;
+  * SIGTERM to one of two processes: both stop at the same step, save it once, and the rerun resumes;
   * tfds.testing.mock_data + tfds.data_source feed train_and_evaluate without TensorFlow.
 
 Speed: the four reference processes (1 device, 4 devices, and the two distributed processes) start
@@ -294,9 +295,66 @@ def test_sigterm_checkpoints_where_it_arrives_and_exits_zero(runs, cache_dir, tm
   step = last["step"]
   assert 1 <= step < NUM_STEPS, f"SIGTERM arrived after training ended (step {step})"
   assert _steps(workdir)[-1] == step
-  assert json.loads(out.strip().splitlines()[-1]) == {"step": step, "preempted": True}
+  assert json.loads(out.strip().splitlines()[-1]) == {"step": step, "preempted": True,
+                                                      "signal": "SIGTERM"}
   assert not os.path.exists(os.path.join(workdir, "eval.json"))  # Stopped before the final eval.
   _assert_states_close(_restore(workdir, step), _restore(dirs["one"], step), atol=1e-6)
+
+
+def _wait_for_training(procs, workdir: str, timeout: float = TIMEOUT) -> None:
+  """Return once metrics.jsonl holds a row (log_every=1: the first step is done)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  t0 = time.time()
+  try:
+    while not (os.path.exists(path) and os.path.getsize(path) > 0):
+      for p in procs:
+        assert p.poll() is None, f"a process ended (status {p.returncode}) before training"
+      assert time.time() - t0 < timeout, "no step was logged in time"
+      time.sleep(0.02)
+  except BaseException:
+    for p in procs:
+      p.kill()
+      p.wait()
+    raise
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(cache_dir, tmp_path):
+  """Two processes x 2 devices; SIGTERM to process 1 only, once training runs. Old code: process 1 went
+  into the checkpoint save (a cross-process barrier) while process 0 went on into the next step's
+  all-reduce, and both hung. Now the processes agree on the signal every PREEMPTION_CHECK_STEPS steps
+  (an all-gather at the same steps on both): both exit 0 within 60 s, the work directory holds one
+  checkpoint, at the agreed step, and the same command (with num_steps = that step + 1) resumes from it."""
+  workdir = str(tmp_path / "w")
+
+  def start(num_steps, name):
+    port = _free_port()
+    return [_start(workdir, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                   f"--process_id={i}", f"--config.training.num_steps={num_steps}",
+                   "--config.training.checkpoint_every=100000", num_devices=2, cache_dir=cache_dir,
+                   log_name=f"{name}{i}") for i in range(2)]
+
+  procs = start(100000, "preempt")
+  _wait_for_training(procs, workdir)
+  t0 = time.time()
+  procs[1].send_signal(signal.SIGTERM)
+  results = [_finish(p, timeout=60) for p in procs]
+  waited = time.time() - t0
+  for i, r in enumerate(results):
+    _assert_ok(r, f"process {i} after SIGTERM to process 1")
+  assert waited < 60, f"the processes took {waited:.0f} s to stop"
+  last = _metrics(workdir)[-1]
+  assert last["event"] == "preempted", last
+  step = last["step"]
+  assert step % train.PREEMPTION_CHECK_STEPS == 0  # the agreed step is a check step
+  assert _steps(workdir) == [step]
+  assert json.loads(results[0][1].strip().splitlines()[-1])["step"] == step
+
+  procs = start(step + 1, "resume")
+  results = [_finish(p) for p in procs]
+  for i, r in enumerate(results):
+    _assert_ok(r, f"resumed process {i}")
+  assert f"resumed from the checkpoint at step {step}" in results[0][1]
+  assert _steps(workdir) == [step, step + 1]
 
 
 # --------------------------------------------------------------------------------------------------

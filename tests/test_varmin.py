@@ -1,5 +1,5 @@
 """Tests of vdiff.varmin: the variance-minimising gradient of the schedule's shape (VDM, arXiv:2107.00630,
-sec. 5; MATH.md sec. 2).
+sec. 5; docs/math.md sec. 2).
 
 Reference for every gradient below: direct autodiff of the defining expressions,
   shape parameters:          d/d eta [ mean_b L_b^2 ]     (= mean_b 2 L_b dL_b/d eta)
@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from vdiff import diffenc
+from vdiff import models
 from vdiff import schedules
 from vdiff import varmin
 from vdiff import vdm
@@ -31,7 +32,9 @@ def _params():
   shape = dict(sched["shape"])
   shape["l2"] = dict(shape["l2"], kernel=300.0 * shape["l2"]["kernel"])
   shape["l3"] = dict(shape["l3"], kernel=1000.0 * shape["l3"]["kernel"])
-  sched = dict(sched, gamma_0=jnp.float32(-11.0), gamma_1=jnp.float32(4.0), shape=shape)
+  # Endpoints gamma_0 = -11, gamma_1 = gamma_0 + softplus(gap) = 4 (softplus(15 + log(-expm1(-15))) = 15).
+  sched = dict(sched, gamma_0=jnp.float32(-11.0), gap=jnp.float32(15.0 + np.log(-np.expm1(-15.0))),
+               shape=shape)
   theta = {"w": jnp.array([0.9, 1.1, 0.7]), "c": jnp.array([0.3, -0.2, 0.5]),
            "label": jnp.array([0.0, 0.1, -0.1])}
   phi = {"a": jnp.array(0.4), "b": jnp.array(-0.3)}
@@ -180,8 +183,74 @@ def test_negative_elbo_matches_and_routes_gradients(with_encoder, check_grads):
 def test_misuse_raises():
   with pytest.raises(KeyError):
     varmin.variance_minimizing_diffusion_loss(lambda p, b: b["x"], {"w": 1.0}, {"x": jnp.ones(2)})
-  # A loss that mixes examples (here through a closed-over batch array) is not separable.
-  closed = jnp.arange(4.0)
-  with pytest.raises(ValueError, match="separable"):
-    varmin.variance_minimizing_diffusion_loss(lambda p, b: p["shape"] * b["x"] + closed,
+  # The loss must be per example, [B].
+  with pytest.raises(ValueError, match=r"shape \[B\] = \(4,\)"):
+    varmin.variance_minimizing_diffusion_loss(lambda p, b: jnp.sum(p["shape"] * b["x"]),
                                               {"shape": jnp.float32(1.0)}, {"x": jnp.ones(4)})
+
+
+def test_loss_that_mixes_examples_gets_the_defining_gradients():
+  # The loss is evaluated once on the whole batch, so a loss that couples examples (here through a
+  # batch mean) is allowed, and its gradients are still the defining ones. Reference: direct autodiff,
+  #   d/d eta sum_b c_b L_b^2  and  d/d theta sum_b c_b L_b.
+  x = jnp.linspace(-1.0, 2.0, 5)
+  c = jnp.linspace(0.2, 1.0, 5)
+
+  def fn(p, b):
+    return jnp.sin(p["shape"] * b["x"]) * p["theta"] + jnp.mean(b["x"] * p["shape"]) ** 2
+
+  params = {"shape": jnp.float32(0.7), "theta": jnp.float32(1.3)}
+  g = jax.grad(lambda p: jnp.sum(c * varmin.variance_minimizing_diffusion_loss(fn, p, {"x": x})))(params)
+  g_l = jax.grad(lambda p: jnp.sum(c * fn(p, {"x": x})))(params)
+  g_l2 = jax.grad(lambda p: jnp.sum(c * fn(p, {"x": x}) ** 2))(params)
+  np.testing.assert_allclose(g["shape"], g_l2["shape"], rtol=1e-6)
+  np.testing.assert_allclose(g["theta"], g_l["theta"], rtol=1e-6)
+  assert abs(float(g_l["shape"]) - float(g_l2["shape"])) > 0.1
+
+
+def _dropout_families(dropout):
+  """A plain and a variance-minimising VDM family on 4x4x1 images sharing one parameter layout."""
+  kw = dict(data_shape=(4, 4, 1), num_levels=17,
+            schedule=models.ScheduleSpec("learned_pinned", -8.0, 5.0),
+            score_kwargs=dict(ch=8, num_blocks=1, dropout=dropout, attention=False, fourier_min=2,
+                              fourier_max=2, num_groups=4))
+  plain, vm = models.VDMFamily(**kw), models.VDMFamily(**kw, variance_minimization=True)
+  params = plain.init(jax.random.PRNGKey(0))
+  # The score network's output convolutions start at zero, which would hide dropout (it acts just
+  # before them): move every parameter off its initial value.
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+  leaves = [p + 0.3 * jax.random.normal(k, jnp.shape(p)) for p, k in zip(leaves, keys)]
+  return plain, vm, jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def test_family_varmin_with_dropout_equals_the_plain_loss():
+  # Reference: VDMFamily without variance minimisation, same parameters, same rng, train=True (one
+  # batched network call, one dropout mask per example). Identical images in every row, so that a
+  # mask shared by the rows would show as a mismatch in every row but the one whose mask it is.
+  plain, vm, params = _dropout_families(dropout=0.5)
+  batch = {"image": jnp.full((4, 4, 4, 1), 9, jnp.int32).at[:, 1, 2, 0].set(3)}
+  rng = jax.random.PRNGKey(5)
+  loss = lambda f: jax.jit(lambda p, r: f.loss(p, r, batch, train=True))
+  ref, ref_terms = loss(plain)(params, rng)
+  got, got_terms = loss(vm)(params, rng)
+  np.testing.assert_allclose(got_terms["diff"], ref_terms["diff"], rtol=1e-5)
+  np.testing.assert_allclose(got, ref, rtol=1e-5)
+  # Not vacuous: dropout changes the loss.
+  no_dropout, _ = jax.jit(lambda p: plain.loss(p, rng, batch, train=False))(params)
+  assert np.max(np.abs(np.asarray(ref) - np.asarray(no_dropout))) > 1e-2 * np.max(np.abs(ref))
+
+  # Gradients with dropout: the shape gets d/d eta mean(L_diff^2), everything else d/d theta mean(-ELBO),
+  # both of the plain path on the same rng (same masks).
+  @jax.jit
+  def grads(p):
+    g = jax.grad(lambda q: jnp.mean(vm.loss(q, rng, batch, train=True)[0]))(p)
+    g_elbo = jax.grad(lambda q: jnp.mean(plain.loss(q, rng, batch, train=True)[0]))(p)
+    g_var = jax.grad(lambda q: jnp.mean(plain.loss(q, rng, batch, train=True)[1]["diff"] ** 2))(p)
+    return g, g_elbo, g_var
+
+  g, g_elbo, g_var = grads(params)
+  _assert_trees_close(g["schedule"]["shape"], g_var["schedule"]["shape"])
+  _assert_trees_close({k: v for k, v in g["schedule"].items() if k != "shape"},
+                      {k: v for k, v in g_elbo["schedule"].items() if k != "shape"})
+  _assert_trees_close(g["score"], g_elbo["score"])

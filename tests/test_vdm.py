@@ -1,4 +1,4 @@
-"""VDM negative ELBO: closed forms for Gaussian data (shared/MATH.md section 7) and direct computations."""
+"""VDM negative ELBO: closed forms for Gaussian data (docs/math.md section 7) and direct computations."""
 
 import math
 
@@ -28,7 +28,7 @@ def gaussian_eps_fn(schedule, mu, s):
 
 
 def closed_form_ldiff(d, s, g0, g1):
-  """MATH.md sec. 7: E L_diff = D/2 [(g1 - log(s^2 + e^g1)) - (g0 - log(s^2 + e^g0))]."""
+  """docs/math.md sec. 7: E L_diff = D/2 [(g1 - log(s^2 + e^g1)) - (g0 - log(s^2 + e^g0))]."""
   f = lambda g: g - math.log(s ** 2 + math.exp(g))
   return d / 2 * (f(g1) - f(g0))
 
@@ -189,3 +189,75 @@ def test_negative_elbo_terms_and_jit():
   chex.assert_shape([total, terms["prior"], terms["recon"], terms["diff"]], (6,))
   np.testing.assert_allclose(total, terms["prior"] + terms["recon"] + terms["diff"], rtol=1e-6)
   assert np.all(np.isfinite(np.asarray(total2)))
+
+
+@pytest.mark.parametrize("num_steps", [1000, 10_000])
+def test_t_step_weight_matches_float64(num_steps):
+  # T-step L_diff = T/2 expm1(gamma_t - gamma_s) ||eps - eps_hat||^2 with eps = 1, eps_hat = 0, D = 1:
+  # exactly T/2 expm1((g1 - g0) / T) for the linear schedule (reference: float64). One example on every
+  # step i = 1..T. Forming t = i/T and s = (i-1)/T in float32 first and subtracting two float32 gammas
+  # is off by 3.0e-5 (T = 1000) and 3.0e-4 (T = 10^4) relatively under jit; the (i, T) interface by
+  # < 2e-7.
+  T = num_steps
+  t = (jnp.arange(T, dtype=jnp.float32) + 0.5) / T
+  loss = jax.jit(lambda t: vdm.diffusion_loss(jnp.zeros((T, 1)), t, jnp.ones((T, 1)), schedule=S.linear(),
+                                              eps_fn=lambda z, t: jnp.zeros_like(z), num_steps=T))(t)
+  ref = 0.5 * T * np.expm1((G1 - G0) / T)
+  err = np.max(np.abs(np.asarray(loss, np.float64) / ref - 1.0))
+  assert err < 1e-6, err
+
+
+def test_score_unet_at_init_outputs_z_and_what_that_means_per_parameterisation():
+  # ScoreUNet's output conv is zero-initialised and z is skipped to the output: at init the network is
+  # the identity in z. Through make_eps_fn that is eps_hat = z for "eps" and, since eps_hat = sigma z +
+  # alpha v_hat (docs/math.md sec. 0), eps_hat = (sigma + alpha) z for "v", not z.
+  from vdiff.nets import score
+  net = score.ScoreUNet(ch=8, num_blocks=1, dropout=0.0, attention=False, num_groups=4)
+  z = jax.random.normal(jax.random.PRNGKey(0), (3, 4, 4, 2))
+  params = jax.jit(net.init)(jax.random.PRNGKey(1), z, jnp.zeros((3,)))
+  sched = S.linear()
+  apply_fn = lambda z, g: net.apply(params, z, g)
+  t = jnp.array([0.1, 0.5, 0.9])
+
+  @jax.jit
+  def run(z, t):
+    return (apply_fn(z, jnp.array([0.2, 0.4, 0.6])),
+            vdm.make_eps_fn(apply_fn, sched, parameterization="eps")(z, t),
+            vdm.make_eps_fn(apply_fn, sched, parameterization="v")(z, t))
+
+  out, eps_eps, got = run(z, t)
+  np.testing.assert_array_equal(out, z)
+  np.testing.assert_array_equal(eps_eps, z)
+  g = vdm.bcast(sched.gamma(t), z)
+  want = (S.sigma_from_gamma(g) + S.alpha_from_gamma(g)) * z
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+  assert np.max(np.abs(np.asarray(got - z))) > 0.1
+
+
+def test_elbo_refuses_bad_times_eagerly_and_propagates_nan_under_jit():
+  # t must be floating-point times in [0, 1]: integer, NaN and out-of-range t are refused by name when
+  # called eagerly. Under jit the values are not
+  # known: a NaN time gives a NaN -ELBO for that example (never a finite, valid-looking value).
+  sched = S.linear()
+  x = jnp.full((3, 2), 0.25)
+  eps_fn = gaussian_eps_fn(sched, 0.0, 0.5)
+  rng = jax.random.PRNGKey(0)
+  elbo = lambda t, **kw: vdm.negative_elbo(rng, x, schedule=sched, eps_fn=eps_fn, num_levels=16, t=t, **kw)
+  with pytest.raises(TypeError, match="t must hold floating-point times"):
+    elbo(jnp.array([0, 1, 1]))
+  with pytest.raises(ValueError, match="t holds NaN"):
+    elbo(jnp.array([0.2, jnp.nan, 0.4]))
+  for bad in ([0.2, 1.5, 0.4], [-0.1, 0.5, 0.5]):
+    with pytest.raises(ValueError, match=r"t must hold times in \[0, 1\]"):
+      elbo(jnp.array(bad))
+    with pytest.raises(ValueError, match=r"t must hold times in \[0, 1\]"):
+      elbo(jnp.array(bad), num_steps=10)
+    with pytest.raises(ValueError, match=r"t must hold times in \[0, 1\]"):
+      vdm.diffusion_loss(x, jnp.array(bad), x, schedule=sched, eps_fn=eps_fn)
+  with pytest.raises(ValueError, match=r"t must have shape \[B\]"):
+    elbo(jnp.array([0.2, 0.3]))
+  # The ends are valid (t = 1 is the last step of a T-step loss).
+  for num_steps in (None, 10):
+    assert np.all(np.isfinite(elbo(jnp.array([0.0, 1.0, 0.5]), num_steps=num_steps)[0]))
+  nelbo = jax.jit(lambda t: elbo(t)[0])(jnp.array([0.2, jnp.nan, 0.4]))
+  assert np.isnan(nelbo[1]) and np.all(np.isfinite(nelbo[jnp.array([0, 2])]))

@@ -1,10 +1,11 @@
 """Classification Diffusion Models: a noise-level classifier that is a denoiser and a one-step likelihood.
 
 Yadin, Elata, Michaeli, "Classification Diffusion Models: Revitalizing Density Ratio Estimation",
-NeurIPS 2024, arXiv:2402.10095 (CDM). Notation of shared/MATH.md sec. 4.
+NeurIPS 2024, arXiv:2402.10095 (CDM). Notation of docs/math.md sec. 4.
 
-Classes t in {0, 1, ..., T, T + 1} with abar_0 = 1 (clean data), abar_i = alpha^2(i / T) of a schedule for
-i = 1..T, abar_{T+1} = 0 (pure N(0, I)); x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps, and a prior p_t over
+Classes t in {0, 1, ..., T, T + 1} with abar_0 = 1 (clean data), abar_1 > ... > abar_T from a class grid
+(`class_grid`: DDPM's betas, the paper's uniform grid, or alpha^2(i / T) of any schedule),
+abar_{T+1} = 0 (pure N(0, I)); x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps, and a prior p_t over
 the classes (uniform by default). A network f(x) -> logits [B, T + 2], with NO time input, is trained
 to classify t from x_t. With
 
@@ -22,6 +23,13 @@ Every function is pure and jit-able and returns per-example values [B] in nats; 
 A `logits_fn` is any callable z [B, ...] -> logits [B, T + 2] whose examples are independent (no
 batch statistics), e.g. `functools.partial(model.apply, {'params': params})`.
 
+Arguments are checked with errors that name them (`vdiff.checks`): class indices t must be integers in
+{0..T+1} (a float class such as 0.7 is refused, never truncated), denoiser times must be floats in
+[0, 1], a batch must hold at least one example of at least one dimension, and data must be finite.
+Shapes and dtypes are checked at trace time, so also under jit. Values can only be checked when a
+function is called eagerly; under jit an out-of-range class index or a NaN / out-of-range denoiser time
+gives NaN in the examples concerned (never a silently wrapped or clipped class), and NaN data propagate.
+
 Numerics: the grid is given as abar and sigma_t = sqrt(1 - abar_t) is formed from it in float32. For
 abar_1 close to 1 (VDM's gamma_min = -13.3 gives 1 - abar_1 = 1.7e-6) this keeps only a couple of
 significant digits of sigma_1^2; it only affects the smallest noise level, whose eps_hat is then tiny.
@@ -34,7 +42,9 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from vdiff import checks
 from vdiff import likelihood
 from vdiff import schedules as schedules_lib
 
@@ -66,9 +76,53 @@ def abar_grid(schedule: schedules_lib.Schedule, num_steps: int) -> Array:
   Returns:
     abar, float32 [T + 2].
   """
-  if num_steps < 1:
-    raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
+  num_steps = checks.positive_int(num_steps, "num_steps")
   return jnp.concatenate([schedule.discrete_alpha2(num_steps), jnp.zeros((1,), jnp.float32)])
+
+
+GRIDS = ("ddpm", "uniform", "schedule")
+
+
+def class_grid(kind: str, num_steps: int, *, beta_start: float = 1e-4, beta_end: float = 0.02,
+               num_betas: int = 1000, schedule: schedules_lib.Schedule | None = None
+               ) -> tuple[Array, schedules_lib.Schedule]:
+  """The class grid abar [T + 2] of a named kind, and the schedule through it for the samplers.
+
+  Every kind has abar_0 = 1 (clean) and abar_{T+1} = 0 (pure noise). The ddpm and schedule kinds cover
+  a fixed gamma range whatever T is, so that a small T (the `tiny` configs) still ends near noise:
+
+    ddpm:      DDPM's linear-beta schedule with num_betas betas beta_start..beta_end (Ho et al. 2020),
+               resampled at t = i / T (`schedules.ddpm_linear_beta_alpha2`): for T = num_betas exactly
+               DDPM's abar_i; for any T, abar_T = DDPM's last abar (4.0e-5 for 1e-4..0.02, 1000 betas).
+    uniform:   the CDM paper's likelihood grid sqrt(1 - abar_i) = i / (T + 1), i = 0..T + 1
+               (`schedules.uniform_sigma_alpha2`; arXiv:2402.10095). Its abar_T ~ 2 / T is not noise:
+               a grid for likelihoods, not for samplers that start from N(0, I) at class T.
+    schedule:  any vdiff schedule sampled at t = i / T (`abar_grid`): abar_T = sigmoid(-gamma(1)).
+
+  The ddpm and uniform grids are computed in float64 and rounded once to float32.
+
+  Args:
+    kind: one of GRIDS. num_steps: T (>= 2: the samplers' schedule needs two levels).
+    beta_start, beta_end, num_betas: the ddpm grid's betas. schedule: the schedule grid's schedule.
+  Returns:
+    (abar float32 [T + 2], the schedule whose `discrete_alpha2(T)` is abar[:T + 1]).
+  """
+  num_steps = checks.positive_int(num_steps, "num_steps", minimum=2)
+  if kind == "ddpm":
+    t = np.arange(1, num_steps + 1, dtype=np.float64) / num_steps
+    inner = schedules_lib.ddpm_linear_beta_alpha2(t, beta_start=beta_start, beta_end=beta_end,
+                                                  num_betas=num_betas)
+    abar = np.concatenate([[1.0], inner, [0.0]])
+  elif kind == "uniform":
+    abar = schedules_lib.uniform_sigma_alpha2(num_steps)
+  elif kind == "schedule":
+    if schedule is None:
+      raise ValueError("class_grid(kind='schedule') needs a schedule.")
+    return abar_grid(schedule, num_steps), schedule
+  else:
+    raise ValueError(f"unknown CDM grid {kind!r}; expected one of {GRIDS}.")
+  sched = schedules_lib.from_alpha2_grid(abar[1:-1], name=f"cdm_{kind}_{num_steps}")
+  return jnp.asarray(abar, jnp.float32), sched
 
 
 def _check_abar(abar: Array, num_steps: int | None = None) -> Array:
@@ -78,7 +132,20 @@ def _check_abar(abar: Array, num_steps: int | None = None) -> Array:
   if num_steps is not None and abar.shape[0] != num_steps + 2:
     raise ValueError(f"abar has {abar.shape[0]} classes but num_steps = {num_steps} needs"
                      f" num_steps + 2 = {num_steps + 2}.")
+  if checks.is_concrete(abar):
+    a = np.asarray(abar)
+    if not (np.all(np.isfinite(a)) and np.all((a >= 0) & (a <= 1))):
+      raise ValueError("abar must hold values in [0, 1] (alpha^2 of each class).")
   return abar
+
+
+def _check_x(x: Array, name: str = "x") -> Array:
+  """Data [B, ...]: floating, at least one example of at least one dimension, finite when concrete."""
+  x = jnp.asarray(x) if not hasattr(x, "dtype") else x
+  checks.batch(x, name, min_rank=1)
+  if math.prod(x.shape[1:]) == 0:
+    raise ValueError(f"{name} must hold at least one dimension per example, got shape {tuple(x.shape)}.")
+  return jnp.asarray(x, jnp.float32)
 
 
 def _check_logits(logits: Array, batch: int, num_classes: int | None = None) -> None:
@@ -99,11 +166,22 @@ def _log_prior(class_prior: Array | None, num_classes: int) -> Array:
   return jnp.log(class_prior / jnp.sum(class_prior))
 
 
-def _as_class_index(t: Array, batch: int) -> Array:
-  t = jnp.asarray(t)
-  if t.ndim not in (0, 1) or (t.ndim == 1 and t.shape[0] != batch):
-    raise ValueError(f"t must be a scalar or have shape [B] = ({batch},), got {t.shape}.")
-  return jnp.broadcast_to(t.astype(jnp.int32), (batch,))
+def _as_class_index(t: Array, batch: int, num_classes: int, name: str = "t") -> Array:
+  """Integer classes [B] in {0..num_classes - 1} (checked eagerly; see `_pick` for jit)."""
+  return checks.class_indices(t, name, num_classes=num_classes, batch=batch)
+
+
+def _pick(values: Array, t: Array) -> Array:
+  """values[..., t] per example, NaN where t is out of range (possible only under jit, where the
+  range cannot be checked): never the wrapped or clipped class that plain indexing would give."""
+  n = values.shape[-1]
+  valid = (t >= 0) & (t < n)
+  safe = jnp.clip(t, 0, n - 1)
+  if values.ndim == 1:
+    picked = values[safe]
+  else:
+    picked = jnp.take_along_axis(values, safe[:, None], axis=-1)[:, 0]
+  return jnp.where(valid, picked, jnp.nan)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -113,16 +191,16 @@ def log_ratio(logits: Array, t: Array) -> Array:
   """F(x, t) = log p(T + 1 | x) - log p(t | x) = logit[T + 1] - logit[t]   (CDM eq. for Thm 3.1).
 
   Args:
-    logits: [B, T + 2] (normalised or not; the normaliser cancels). t: int class index, scalar or [B].
+    logits: [B, T + 2] (normalised or not; the normaliser cancels). t: int class index in {0..T+1},
+      scalar or [B] (under jit, an out-of-range class gives NaN).
   Returns:
     F, [B].
   """
   logits = jnp.asarray(logits)
-  if logits.ndim != 2:
-    raise ValueError(f"logits must have shape [B, T + 2], got {logits.shape}.")
-  t = _as_class_index(t, logits.shape[0])
-  picked = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
-  return logits[:, -1] - picked
+  if logits.ndim != 2 or logits.shape[0] == 0 or logits.shape[1] < 3:
+    raise ValueError(f"logits must have shape [B, T + 2] with B >= 1 and T >= 1, got {logits.shape}.")
+  t = _as_class_index(t, logits.shape[0], logits.shape[1])
+  return logits[:, -1] - _pick(logits, t)
 
 
 def _grad_log_ratio(logits_fn: LogitsFn, z: Array, t: Array,
@@ -146,7 +224,9 @@ def make_denoiser(logits_fn: LogitsFn, abar: Array, *, num_steps: int | None = N
 
       eps_hat(z, i) = sqrt(1 - abar_i) (grad_z F(z, i) + z),   i = clip(round(t T), 1, T),
 
-  with t in [0, 1] on the samplers' grid t = i / T. It plugs into any eps-prediction sampler.
+  with t in [0, 1] on the samplers' grid t = i / T (t below 1 / (2T) uses the first noisy class). It
+  plugs into any eps-prediction sampler. t must be floating (a class index is not a time); eagerly, a
+  NaN or out-of-range t or non-finite z is refused; under jit such a t gives NaN for its example.
 
   Args:
     logits_fn: z [B, ...] -> logits [B, T + 2].
@@ -160,11 +240,12 @@ def make_denoiser(logits_fn: LogitsFn, abar: Array, *, num_steps: int | None = N
   steps = num_classes - 2
 
   def eps_fn(z, t):
-    z = jnp.asarray(z, jnp.float32)
-    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), z.shape[:1])
+    z = _check_x(z, "z")
+    t = checks.times(t, "t", batch_size=z.shape[0], scalar_ok=True)
     i = jnp.clip(jnp.round(t * steps), 1, steps).astype(jnp.int32)
     grad_f, _ = _grad_log_ratio(logits_fn, z, i, num_classes)
-    sigma = jnp.sqrt(1.0 - abar[i])
+    # NaN for a time outside [0, 1] (reachable only under jit), not the clipped class.
+    sigma = jnp.where((t >= 0) & (t <= 1), jnp.sqrt(1.0 - abar[i]), jnp.nan)
     return _bcast(sigma, z) * (grad_f + z)
 
   return eps_fn
@@ -173,6 +254,8 @@ def make_denoiser(logits_fn: LogitsFn, abar: Array, *, num_steps: int | None = N
 def sample_classes(rng: Array, batch_size: int, num_classes: int, *,
                    class_prior: Array | None = None) -> Array:
   """t ~ U{0..T+1} (or ~ class_prior) per example, int32 [B]."""
+  batch_size = checks.positive_int(batch_size, "batch_size")
+  num_classes = checks.positive_int(num_classes, "num_classes", minimum=3)
   if class_prior is None:
     return jax.random.randint(rng, (batch_size,), 0, num_classes, jnp.int32)
   return jax.random.categorical(rng, _log_prior(class_prior, num_classes), shape=(batch_size,))
@@ -203,26 +286,27 @@ def loss(rng: Array, x: Array, logits_fn: LogitsFn, abar: Array, *, w_ce: float 
     logits_fn: x_t [B, ...] -> logits [B, T + 2]. abar: class grid [T + 2].
     w_ce: weight of the cross-entropy. mse_weight: weight of the denoising MSE.
     class_prior: optional probabilities [T + 2] to sample t from (must match `log_density`'s prior).
-    t: optional int classes [B] (overrides sampling).
+    t: optional int classes in {0..T+1}, scalar or [B] (overrides sampling; under jit an out-of-range
+      class gives NaN).
   Returns:
     (loss [B], {"ce": [B] cross-entropy in nats, "mse": [B] masked per-dim mean squared error}).
   """
   abar = _check_abar(abar)
   num_classes = abar.shape[0]
-  x = jnp.asarray(x, jnp.float32)
+  x = _check_x(x)
   rng_t, rng_e = jax.random.split(rng)
   if t is None:
     t = sample_classes(rng_t, x.shape[0], num_classes, class_prior=class_prior)
-  t = _as_class_index(t, x.shape[0])
+  t = _as_class_index(t, x.shape[0], num_classes)
   eps = jax.random.normal(rng_e, x.shape, jnp.float32)
-  a = _bcast(abar[t], x)
+  a = _bcast(_pick(abar, t), x)
   sigma = jnp.sqrt(1.0 - a)
   x_t = jnp.sqrt(a) * x + sigma * eps
 
   grad_f, logits = _grad_log_ratio(logits_fn, x_t, t, num_classes)
   # Cross-entropy through log_softmax (a stable log-sum-exp), not log(softmax).
   log_probs = jax.nn.log_softmax(logits, axis=-1)
-  ce = -jnp.take_along_axis(log_probs, t[:, None], axis=-1)[:, 0]
+  ce = -_pick(log_probs, t)
   eps_hat = sigma * (grad_f + x_t)
   mse = jnp.mean(_flat(jnp.square(eps - eps_hat)), axis=-1)
   mse = jnp.where(t > 0, mse, 0.0)  # t = 0: parameter-free constant, see the docstring.
@@ -234,7 +318,7 @@ def loss(rng: Array, x: Array, logits_fn: LogitsFn, abar: Array, *, w_ce: float 
 # ----------------------------------------------------------------------------------------------------
 def std_normal_log_density(x: Array) -> Array:
   """log N(x; 0, I) = -1/2 ||x||^2 - D/2 log(2 pi), per example [B]."""
-  x = _flat(jnp.asarray(x, jnp.float32))
+  x = _flat(_check_x(x))
   return -0.5 * jnp.sum(jnp.square(x), axis=-1) - 0.5 * x.shape[1] * math.log(2.0 * math.pi)
 
 
@@ -250,23 +334,24 @@ def log_density(logits: Array, x: Array, t: Array = 0, *,
 
   Args:
     logits: [B, T + 2], f(x). x: [B, ...] the point the logits were computed at.
-    t: int class, scalar or [B]. class_prior: optional probabilities [T + 2].
+    t: int class in {0..T+1}, scalar or [B] (under jit an out-of-range class gives NaN).
+    class_prior: optional probabilities [T + 2].
   Returns:
     log p_{x_t}(x) in nats, [B].
   """
   logits = jnp.asarray(logits, jnp.float32)
-  x = jnp.asarray(x, jnp.float32)
+  x = _check_x(x)
   _check_logits(logits, x.shape[0])
   num_classes = logits.shape[1]
   log_prior = _log_prior(class_prior, num_classes)
-  t = _as_class_index(t, x.shape[0])
-  return log_prior[-1] - log_prior[t] - log_ratio(logits, t) + std_normal_log_density(x)
+  t = _as_class_index(t, x.shape[0], num_classes)
+  return log_prior[-1] - _pick(log_prior, t) - log_ratio(logits, t) + std_normal_log_density(x)
 
 
 def one_step_log_density(logits_fn: LogitsFn, x: Array, *,
                          class_prior: Array | None = None) -> Array:
   """log p(x) = log p_t(T + 1) - log p_t(0) + logit[0] - logit[T + 1] + log N(x; 0, I), [B] (CDM Thm 3.2)."""
-  x = jnp.asarray(x, jnp.float32)
+  x = _check_x(x)
   return log_density(logits_fn(x), x, 0, class_prior=class_prior)
 
 
@@ -274,7 +359,7 @@ def one_step_nll_bpd(logits_fn: LogitsFn, k: Array, *, num_levels: int, rng: Arr
                      class_prior: Array | None = None) -> tuple[Array, Array]:
   """One-step CDM negative log-likelihood of K-level integer data, in nats and bits/dim.
 
-  Convention (MATH.md sec. 4, `vdiff.likelihood`): k is encoded to bin centres in (-1, 1) and uniformly
+  Convention (docs/math.md sec. 4, `vdiff.likelihood`): k is encoded to bin centres in (-1, 1) and uniformly
   dequantised, y = x + Delta (u - 1/2), u ~ U[0, 1)^D, Delta = 2 / K (one draw of u per call). Then
 
       nats = -log p(y)                                  (a continuous density on [-1, 1]^D),
@@ -289,6 +374,8 @@ def one_step_nll_bpd(logits_fn: LogitsFn, k: Array, *, num_levels: int, rng: Arr
   Returns:
     (nats [B], bpd [B]).
   """
+  checks.levels(k, "k", num_levels)
+  checks.batch(k, "k", min_rank=1, floating=False)
   y = likelihood.dequantize(rng, k, num_levels)
   nats = -one_step_log_density(logits_fn, y, class_prior=class_prior)
   num_dims = math.prod(y.shape[1:])

@@ -1,12 +1,14 @@
 """Datasets of K-level integer images, deterministic batching, and synthetic data of known density.
 
 Everything here is numpy on the host. Images stay integers in {0..K-1} (uint8 when K <= 256, else int32)
-until the model encodes them with `vdiff.likelihood.encode` (MATH.md section 0).
+until the model encodes them with `vdiff.likelihood.encode` (docs/math.md section 0).
 
 Sources (one visible dict, `LOADERS`; any other name is tried as a TFDS name):
   * `digits`: scikit-learn's bundled 8x8 digits, 17 levels (0..16), a fixed 1497 / 300 train / test split.
   * `mnist`, `cifar10`, `downsampled_imagenet/32x32`, any TFDS name: `tfds.data_source` (array_record,
     no TensorFlow needed), K = 256, never downloads unless asked (`download=True`).
+  * `photos`: 32x32 RGB patches (K = 256) of the 11 photographs bundled inside the scikit-image and
+    scikit-learn wheels, split by photo, 4235 / 862 train / test patches at stride 32 (`_load_photos`).
   * `npz`: the user's own file, written by `make_npz`.
   * `gaussian_mixture`, `uniform`: quantised samples of a known distribution with its exact (uniform) or
     Monte-Carlo (mixture) discrete entropy in bits/dim, the NLL a perfect model would reach.
@@ -19,8 +21,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import importlib.metadata
+import importlib.util
 import inspect
 import math
+import os
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -32,9 +38,18 @@ from vdiff import likelihood
 # The dataset container and its validation.
 
 
+# The most levels a dataset may have: 16-bit data. The model sees level k as the float32 bin centre
+# -1 + (2k + 1) / K; near +-1 float32 values are 2^-23 apart, so K <= 2^16 keeps 2^7 float32 steps within
+# each half-bin, while K near 2^23 would merge neighbouring bins (and int32 levels overflow past 2^31).
+MAX_NUM_LEVELS = 2**16
+
+
 def _check_num_levels(num_levels: Any) -> int:
   if isinstance(num_levels, bool) or not isinstance(num_levels, (int, np.integer)) or num_levels < 2:
     raise ValueError(f"num_levels must be an integer >= 2, got {num_levels!r}.")
+  if num_levels > MAX_NUM_LEVELS:
+    raise ValueError(f"num_levels must be <= {MAX_NUM_LEVELS} (16-bit data; float32 cannot tell more "
+                     f"levels in [-1, 1] apart), got {num_levels!r}.")
   return int(num_levels)
 
 
@@ -87,6 +102,8 @@ class Dataset:
       negative log-likelihood a perfect model reaches, directly comparable with a discrete bound (VDM) and
       with a dequantised continuous bound (CDM, ODE) converted by `likelihood.nats_to_bpd`. None otherwise.
     true_bpd_stderr: Monte-Carlo standard error of true_bpd (0.0 when exact); None when true_bpd is None.
+    metadata: what the source records about where the examples came from (`photos`: the photos, the
+      patch stride, the counts, each patch's photo and position); empty for the other sources.
   """
   images: np.ndarray = dataclasses.field(repr=False)
   labels: np.ndarray = dataclasses.field(repr=False)
@@ -95,6 +112,7 @@ class Dataset:
   num_labels: int = 0
   true_bpd: float | None = None
   true_bpd_stderr: float | None = None
+  metadata: dict = dataclasses.field(default_factory=dict, repr=False)
 
   def __post_init__(self):
     validate_images(self.images, self.num_levels)
@@ -107,6 +125,14 @@ class Dataset:
     self.labels = self.labels.astype(np.int32, copy=False)
     if self.num_labels < 0:
       raise ValueError(f"num_labels must be >= 0, got {self.num_labels}.")
+    if self.num_labels and self.labels.size:
+      # A conditional model indexes its label embedding with these: a label outside {0..num_labels-1}
+      # (the value num_labels is the null label of guidance) is a wrong class or a NaN, never an error.
+      lo, hi = int(self.labels.min()), int(self.labels.max())
+      if lo < 0 or hi >= self.num_labels:
+        raise ValueError(
+            f"labels of {self.name!r} must lie in {{0..num_labels-1}} = {{0..{self.num_labels - 1}}}, "
+            f"got values in [{lo}, {hi}].")
 
   @property
   def shape(self) -> tuple[int, int, int]:
@@ -219,8 +245,10 @@ def train_batch(ds: Dataset, global_batch_size: int, *, seed: int, step: int, pr
   Args:
     ds: the training split.
     global_batch_size: B, summed over processes; divisible by process_count.
-    seed, step: non-negative integers.
-    process_index, process_count: this process and the number of processes (jax.process_index/count()).
+    seed: non-negative integer.
+    step: non-negative integer.
+    process_index: this process (jax.process_index()).
+    process_count: the number of processes (jax.process_count()).
     random_flip: flip each image horizontally with probability 1/2.
   Returns:
     dict(image=integer levels [B / P, H, W, C] (ds.images.dtype), label=int32 [B / P]).
@@ -251,7 +279,8 @@ def eval_batches(ds: Dataset, batch_size: int, *, process_index: int = 0,
   Args:
     ds: the split to evaluate.
     batch_size: B, the global batch size, summed over processes; divisible by process_count.
-    process_index, process_count: this process and the number of processes.
+    process_index: this process.
+    process_count: the number of processes.
   Returns:
     an iterator of dict(image=[B / P, H, W, C] levels, label=int32 [B / P], mask=float32 [B / P] in {0, 1}).
   """
@@ -392,7 +421,7 @@ def gaussian_mixture_entropy_bpd(*, means: Any, stds: Any, weights: Any = None, 
 
   A mixture's P(k) does not factorise over dimensions, so H is a Monte-Carlo mean over num_samples draws
   k ~ P of the exact -log2 P(k) (`gaussian_mixture_log_prob`). For K -> infinity, H -> h + log2(K / 2),
-  with h the differential entropy (bits/dim) of the density on [-1, 1]^D (MATH.md section 4).
+  with h the differential entropy (bits/dim) of the density on [-1, 1]^D (docs/math.md section 4).
 
   Returns:
     (H in bits/dim, its Monte-Carlo standard error).
@@ -483,8 +512,8 @@ def make_npz(path: str, train: Any, test: Any, *, train_labels: Any = None, test
   """Writes the user data format read by `load("npz", path=..., split=...)`.
 
   Keys: `train`, `test` (integer images [N, H, W] or [N, H, W, C]), optional `train_labels`, `test_labels`
-  (integer [N]), `num_levels`, `num_labels` (scalars). Without `num_levels` the reader infers K (see
-  `_load_npz`), so pass it whenever the data has levels that happen not to occur.
+  (integer [N]), `num_levels`, `num_labels` (scalars). `num_levels` is required unless the images are
+  uint8 (then K = 256); the number of levels is never guessed from the values that happen to occur.
 
   Returns:
     path.
@@ -493,11 +522,19 @@ def make_npz(path: str, train: Any, test: Any, *, train_labels: Any = None, test
   for split, labels in (("train", train_labels), ("test", test_labels)):
     if labels is not None:
       arrays[f"{split}_labels"] = np.asarray(labels)
+  if num_levels is None and not all(arrays[k].dtype == np.uint8 for k in ("train", "test")):
+    raise ValueError(
+        f"num_levels is required for images of dtype {arrays['train'].dtype} / {arrays['test'].dtype}; "
+        "only uint8 images imply K = 256.")
+  shapes = {}
   for split in ("train", "test"):
     images = arrays[split]
-    # Without num_levels only dtype, rank and sign can be checked here; the reader infers K.
-    validate_images(images[..., None] if images.ndim == 3 else images,
-                    num_levels if num_levels is not None else np.iinfo(np.int64).max)
+    images = images[..., None] if images.ndim == 3 else images
+    validate_images(images, num_levels if num_levels is not None else 256)
+    shapes[split] = images.shape[1:]
+  if shapes["train"] != shapes["test"]:
+    raise ValueError(f"train and test images must have one example shape [H, W, C], got "
+                     f"{shapes['train']} and {shapes['test']}.")
   if num_levels is not None:
     arrays["num_levels"] = np.asarray(num_levels, np.int64)
   if num_labels is not None:
@@ -507,12 +544,24 @@ def make_npz(path: str, train: Any, test: Any, *, train_labels: Any = None, test
   return path
 
 
+def _npz_scalar(data: dict, key: str, path: str) -> int:
+  """The integer scalar stored under `key` of the .npz at `path`."""
+  value = data[key]
+  if value.shape != () or not np.issubdtype(value.dtype, np.integer):
+    raise ValueError(f"key {key!r} of {path} must be an integer scalar, got dtype {value.dtype} and "
+                     f"shape {value.shape}.")
+  return int(value)
+
+
 def _load_npz(name: str, *, split: str, seed: int, path: str | None = None) -> Dataset:
   """The user's own .npz (see `make_npz`).
 
-  K is the file's `num_levels` if present; else 256 when the images are uint8, else max + 1 over all
-  image arrays of the file (so the splits agree). num_labels is the file's `num_labels` if present; else
-  max + 1 over the label arrays, or 0 with no labels. Rank-3 images [N, H, W] get a channel axis.
+  K is the file's `num_levels`; without it, K = 256 when every image array is uint8 (8-bit data) and any
+  other dtype is refused (K = max + 1 would depend on which levels happen to occur in the file, and
+  log2 K enters every bits/dim). Every image array must have the same example shape [H, W, C] (bits/dim
+  divides by D = H W C, so a test split of another shape would be measured with the wrong D).
+  num_labels is the file's `num_labels` if present, else max + 1 over the label arrays, or 0 with no
+  labels; every label must lie in {0..num_labels-1}. Rank-3 images [N, H, W] get a channel axis.
   """
   del seed
   if path is None:
@@ -522,22 +571,44 @@ def _load_npz(name: str, *, split: str, seed: int, path: str | None = None) -> D
   image_keys = [k for k in data if k not in _NPZ_RESERVED and not k.endswith("_labels")]
   if split not in image_keys:
     raise ValueError(f"split {split!r} is not in {path}; it has image arrays {sorted(image_keys)}.")
+  example_shapes = {k: data[k].shape[1:] + ((1,) if data[k].ndim == 3 else ()) for k in image_keys}
+  for k in image_keys:
+    if example_shapes[k] != example_shapes[split]:
+      raise ValueError(
+          f"the image arrays of {path} differ in shape: {split!r} has examples of shape "
+          f"{example_shapes[split]} but {k!r} has {example_shapes[k]}; every split must have one "
+          "shape [H, W, C] (bits/dim divides by D = H * W * C).")
   images = data[split]
   if images.ndim == 3:
     images = images[..., None]
   if "num_levels" in data:
-    num_levels = int(data["num_levels"])
+    num_levels = _npz_scalar(data, "num_levels", path)
+    try:
+      _check_num_levels(num_levels)
+    except ValueError as e:
+      raise ValueError(f"key 'num_levels' of {path}: {e}") from None
   elif all(data[k].dtype == np.uint8 for k in image_keys):
     num_levels = 256
   else:
-    num_levels = max(max(int(np.max(data[k])) for k in image_keys) + 1, 2)
+    dtypes = sorted({str(data[k].dtype) for k in image_keys})
+    raise ValueError(
+        f"{path} has no 'num_levels' and its images are {'/'.join(dtypes)}, not uint8: set the number "
+        "of levels K explicitly (key 'num_levels', e.g. make_npz(..., num_levels=K)); only uint8 "
+        "images imply K = 256.")
   validate_images(images, num_levels)
   label_keys = [k for k in data if k.endswith("_labels")]
   labels = data.get(f"{split}_labels", np.zeros(len(images), np.int32))
   if "num_labels" in data:
-    num_labels = int(data["num_labels"])
+    num_labels = _npz_scalar(data, "num_labels", path)
   else:
-    num_labels = max((int(np.max(data[k])) + 1 for k in label_keys), default=0)
+    num_labels = max((int(np.max(data[k])) + 1 for k in label_keys if data[k].size), default=0)
+  if f"{split}_labels" in data and num_labels and labels.size and np.issubdtype(labels.dtype, np.integer):
+    lo, hi = int(np.min(labels)), int(np.max(labels))
+    if lo < 0 or hi >= num_labels:
+      raise ValueError(
+          f"key '{split}_labels' of {path} has labels in [{lo}, {hi}], outside {{0..num_labels-1}} = "
+          f"{{0..{num_labels - 1}}} (num_labels = {num_labels}, "
+          f"{'its key' if 'num_labels' in data else 'max + 1 of the label arrays'} 'num_labels').")
   return Dataset(images=images.astype(_level_dtype(num_levels), copy=False), labels=labels,
                  num_levels=num_levels, name=name, num_labels=num_labels)
 
@@ -615,6 +686,172 @@ def _load_uniform(name: str, *, split: str, seed: int, num_levels: int = 256,
                  num_labels=0, true_bpd=math.log2(g), true_bpd_stderr=0.0)
 
 
+# The `photos` source: patches of the photographs bundled inside the scikit-image and scikit-learn wheels.
+#
+# (name, package, file): every RGB photograph shipped as a file inside the scikit-image wheel (skimage/data/)
+# and the scikit-learn wheel (sklearn/datasets/images/, what `load_sample_images` reads). The files are read
+# from the installed package's directory, never through skimage.data's fetchers: nothing is downloaded
+# (skimage.data's other images, e.g. eagle, lily, cells3d, kidney, are fetched with pooch from the network).
+# Left out: the grey photographs (camera, moon, brick, grass, gravel, coins, cell, page, text, clock, ...),
+# so that every example has the same three channels, and the synthetic images (colour wheel, chessboard,
+# logo, phantom).
+PHOTOS = (
+    ("astronaut", "skimage", "astronaut.png"),  # 512x512
+    ("chelsea", "skimage", "chelsea.png"),  # 300x451, a cat
+    ("coffee", "skimage", "coffee.png"),  # 400x600
+    ("hubble_deep_field", "skimage", "hubble_deep_field.jpg"),  # 872x1000, mostly dark sky
+    ("immunohistochemistry", "skimage", "ihc.png"),  # 512x512, stained tissue (a photomicrograph)
+    ("motorcycle_left", "skimage", "motorcycle_left.png"),  # 500x741, left view of a stereo pair
+    ("motorcycle_right", "skimage", "motorcycle_right.png"),  # 500x741, right view of the same scene
+    ("retina", "skimage", "retina.jpg"),  # 1411x1411, a fundus photograph on a black background
+    ("rocket", "skimage", "rocket.jpg"),  # 427x640
+    ("china", "sklearn", "china.jpg"),  # 427x640
+    ("flower", "sklearn", "flower.jpg"),  # 427x640
+)
+# The test photos; they never contribute a training patch. Four everyday scenes of different content (an
+# animal, a still life, a building, a launch pad); the stereo pair motorcycle_left / motorcycle_right, two
+# views of one scene, stays together in the training split.
+PHOTOS_TEST = ("chelsea", "coffee", "rocket", "china")
+PHOTOS_PATCH_SIZE = 32
+_PHOTO_DIRS = {"skimage": ("data",), "sklearn": ("datasets", "images")}
+_PHOTO_DISTRIBUTIONS = {"skimage": "scikit-image", "sklearn": "scikit-learn"}
+_TAG_PHOTO_ORDER = 6  # a stream tag distinct from the _TAG_* above
+
+
+def photo_path(package: str, file: str) -> str:
+  """The path of a photograph bundled inside an installed wheel; raises if the file is not there.
+
+  Only the package's directory is consulted (importlib's find_spec does not even import the package), so
+  a photograph that the installed version does not ship is an error, never a download.
+  """
+  if package not in _PHOTO_DIRS:
+    raise ValueError(f"package must be one of {sorted(_PHOTO_DIRS)}, got {package!r}.")
+  dist = _PHOTO_DISTRIBUTIONS[package]
+  spec = importlib.util.find_spec(package)
+  if spec is None or not spec.submodule_search_locations:
+    raise ImportError(f"the 'photos' dataset reads the photographs bundled with {dist}; "
+                      f"install it: pip install {dist}")
+  path = os.path.join(list(spec.submodule_search_locations)[0], *_PHOTO_DIRS[package], file)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} is not in the installed {dist}; the 'photos' dataset needs the "
+                            f"photographs bundled inside its wheel.")
+  return path
+
+
+@functools.lru_cache(maxsize=None)
+def read_photo(name: str) -> np.ndarray:
+  """One bundled photograph of `PHOTOS` as read-only uint8 [H, W, 3], decoded by Pillow (cached).
+
+  The PNGs decode to the same pixels everywhere. The JPEGs (hubble_deep_field, retina, rocket, china,
+  flower) are decoded by the libjpeg in Pillow's wheel (libjpeg-turbo, default integer IDCT); another
+  JPEG decoder may round some pixels differently, so the dataset's metadata records each photo's sha256
+  and the library versions, which makes such a change visible.
+  """
+  entries = {n: (package, file) for n, package, file in PHOTOS}
+  if name not in entries:
+    raise ValueError(f"photo must be one of {[n for n, _, _ in PHOTOS]}, got {name!r}.")
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  with Image.open(photo_path(*entries[name])) as im:
+    if im.mode != "RGB":
+      raise ValueError(f"photo {name!r} decodes to mode {im.mode!r}; the 'photos' dataset expects RGB.")
+    pixels = np.array(im, dtype=np.uint8)
+  pixels.setflags(write=False)
+  return pixels
+
+
+def _patch_origins(height: int, width: int, patch_size: int, stride: int) -> np.ndarray:
+  """Top-left corners (row, col) of every patch_size x patch_size patch on a stride grid, row-major: int32
+  [n, 2]. Patches that would cross the bottom or right edge are left out."""
+  rows = np.arange(0, height - patch_size + 1, stride)
+  cols = np.arange(0, width - patch_size + 1, stride)
+  return np.stack(np.meshgrid(rows, cols, indexing="ij"), -1).reshape(-1, 2).astype(np.int32)
+
+
+def _check_positive_int(value: Any, name: str) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+  return int(value)
+
+
+def _load_photos(name: str, *, split: str, seed: int, patch_size: int = PHOTOS_PATCH_SIZE,
+                 patch_stride: int | None = None) -> Dataset:
+  """RGB patches of the photographs bundled with scikit-image and scikit-learn, K = 256, split by photo.
+
+  The 11 photographs of `PHOTOS` are cut into patch_size x patch_size x 3 patches on a grid: the
+  training split from the 7 training photos with step `patch_stride` (default patch_size; a smaller
+  stride gives overlapping patches), the test split from the 4 photos of `PHOTOS_TEST` with step
+  patch_size always (the test patches tile their photos without overlap, each test pixel counted once,
+  and do not depend on patch_stride). Patches crossing a photo's bottom or right edge are left out. No
+  test photo contributes a training patch. Each split is put in a fixed pseudo-random order (independent
+  of `seed`), so a prefix of the test split (eval.num_examples) is a sample of all four test photos.
+
+  Sizes: 32x32 patches, stride 32: 4235 train / 862 test patches; stride 16: 16399 train / 862 test.
+
+  Labels are zeros (num_labels = 0). `metadata` holds: patch_size, patch_stride (this split's),
+  train_patch_stride, test_patch_stride, num_patches (this split's), num_train_patches, num_test_patches,
+  train_photos and test_photos (names), photos (this split's photos: name, source file, shape,
+  num_patches, sha256 of the decoded pixels), photo_index (int32 [N], index into photos) and
+  patch_origin (int32 [N, 2], the patch's top-left (row, col) in its photo), and versions (of
+  scikit-image, scikit-learn and Pillow, which decode the photos).
+
+  Args:
+    name: the source name ("photos").
+    split: "train" or "test".
+    seed: ignored; the split and the order are fixed.
+    patch_size: side of the square patches, 1 <= patch_size <= 300 (the shortest side of a photo).
+    patch_stride: step between the top-left corners of training patches, >= 1 (default patch_size).
+  Returns:
+    a Dataset of uint8 images [N, patch_size, patch_size, 3], num_levels 256.
+  """
+  del seed  # The split and the order are fixed in the code, not by the run's seed.
+  split_code = _check_split(split, name)
+  patch_size = _check_positive_int(patch_size, "patch_size")
+  train_stride = patch_size if patch_stride is None else _check_positive_int(patch_stride, "patch_stride")
+  strides = {"train": train_stride, "test": patch_size}
+  photos = {n: read_photo(n) for n, _, _ in PHOTOS}
+  shortest = min(min(p.shape[:2]) for p in photos.values())
+  if patch_size > shortest:
+    raise ValueError(f"patch_size must be <= {shortest} (the shortest side of a photo), got {patch_size}.")
+  names = {"test": [n for n, _, _ in PHOTOS if n in PHOTOS_TEST]}
+  names["train"] = [n for n, _, _ in PHOTOS if n not in PHOTOS_TEST]
+  origins = {s: [_patch_origins(*photos[n].shape[:2], patch_size, strides[s]) for n in names[s]]
+             for s in ("train", "test")}
+  patches, photo_index, origin = [], [], []
+  for i, (n, o) in enumerate(zip(names[split], origins[split])):
+    patches += [photos[n][r:r + patch_size, c:c + patch_size] for r, c in o]
+    photo_index.append(np.full(len(o), i, np.int32))
+    origin.append(o)
+  order = _random_state(_TAG_PHOTO_ORDER, split_code).permutation(len(patches))
+  images = np.stack(patches)[order]
+  files = {n: (package, file) for n, package, file in PHOTOS}
+  versions = {}
+  for dist in ("scikit-image", "scikit-learn", "pillow"):
+    try:
+      versions[dist] = importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+      versions[dist] = None
+  metadata = {
+      "patch_size": patch_size,
+      "patch_stride": strides[split],
+      "train_patch_stride": strides["train"],
+      "test_patch_stride": strides["test"],
+      "num_patches": len(images),
+      "num_train_patches": sum(len(o) for o in origins["train"]),
+      "num_test_patches": sum(len(o) for o in origins["test"]),
+      "train_photos": list(names["train"]),
+      "test_photos": list(names["test"]),
+      "photos": [{"name": n, "source": f"{_PHOTO_DISTRIBUTIONS[files[n][0]]}: {files[n][1]}",
+                  "shape": list(photos[n].shape), "num_patches": len(o),
+                  "sha256": hashlib.sha256(photos[n].tobytes()).hexdigest()}
+                 for n, o in zip(names[split], origins[split])],
+      "photo_index": np.concatenate(photo_index)[order],
+      "patch_origin": np.concatenate(origin)[order],
+      "versions": versions,
+  }
+  return Dataset(images=images, labels=np.zeros(len(images), np.int32), num_levels=256, name=name,
+                 num_labels=0, metadata=metadata)
+
+
 # Name -> loader. Names not listed here are tried as TFDS names.
 LOADERS: dict[str, Callable[..., Dataset]] = {
     "digits": _load_digits,
@@ -622,6 +859,7 @@ LOADERS: dict[str, Callable[..., Dataset]] = {
     "cifar10": _load_tfds,
     "downsampled_imagenet/32x32": _load_tfds,
     "npz": _load_npz,
+    "photos": _load_photos,
     "gaussian_mixture": _load_gaussian_mixture,
     "uniform": _load_uniform,
 }

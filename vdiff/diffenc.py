@@ -14,7 +14,7 @@ An encoder is ONE interface: a callable enc(x [B, ...], gamma [B]) -> x_t [B, ..
 return `Encoder` objects (callables that also keep the offset x_t - x, see the numerics note); any plain
 callable is accepted too and wrapped by `as_encoder`.
 
-The reverse posterior gains a mean shift (MATH.md sec. 3; DiffEnc eq. 7): for s < t,
+The reverse posterior gains a mean shift (docs/math.md sec. 3; DiffEnc eq. 7): for s < t,
 
     mu_Q = alpha_s x_t + (alpha_{t|s} sigma_s^2 / sigma_t^2)(z_t - alpha_t x_t) + alpha_s (x_s - x_t),
     sigma_Q^2 = sigma_{t|s}^2 sigma_s^2 / sigma_t^2,
@@ -35,7 +35,7 @@ gamma_s):
 
 using SNR_t^(1/2) (x_t - x_hat) = eps_hat - eps (z_t = alpha_t x_t + sigma_t eps) and
 (SNR_s / SNR_t) c = e^Delta (1 - e^-Delta) = expm1(Delta). The T-step loss is T E_i KL_i, and as
-T -> infinity (c ~ Delta, x_s - x_t ~ -Delta dx_t/dgamma) it becomes MATH.md's continuous loss
+T -> infinity (c ~ Delta, x_s - x_t ~ -Delta dx_t/dgamma) it becomes docs/math.md's continuous loss
 
     L_diff = 1/2 E_{t,eps} [ gamma'(t) SNR_t || (x_t - x_hat) - (dx_t/dgamma - d_hat) ||^2 ]
            = 1/2 E_{t,eps} [ gamma'(t) || (eps - eps_hat) + SNR_t^(1/2) (dx_t/dgamma - d_hat) ||^2 ].
@@ -67,6 +67,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from vdiff import checks
 from vdiff import schedules as schedules_lib
 from vdiff import vdm
 
@@ -196,7 +197,7 @@ def diffusion_loss(x: Array, t: Array, eps: Array, *, schedule: schedules_lib.Sc
                    model_shift: bool = True) -> Array:
   """The DiffEnc diffusion term for one (t, eps) per example, in nats, [B].
 
-  Continuous time (num_steps None; MATH.md sec. 3, DiffEnc eq. 12):
+  Continuous time (num_steps None; docs/math.md sec. 3, DiffEnc eq. 12):
     1/2 gamma'(t) || (eps - eps_hat) + SNR_t^(1/2) (dx_t/dgamma - d_hat) ||^2
     (= 1/2 gamma' SNR || (x_t - x_hat) - (dx_t/dgamma - d_hat) ||^2),   d_hat = -sigma_t^2 x_hat.
   T steps (t = i/T, s = (i-1)/T, i = floor(t T) + 1; T times the i-th per-step KL, see module doc):
@@ -205,8 +206,8 @@ def diffusion_loss(x: Array, t: Array, eps: Array, *, schedule: schedules_lib.Sc
   Here z_t = alpha_t x_t + sigma_t eps with x_t = encoder(x, gamma_t), and x_hat predicts x_t.
 
   Args:
-    x: [B, ...] data. t: [B] times in [0, 1). eps: [B, ...] noise.
-    schedule: the noise schedule. encoder: enc(x, gamma) -> x_t.
+    x: [B, ...] data. t: [B] floating-point times in [0, 1] (eagerly checked; see `vdm.diffusion_loss`).
+    eps: [B, ...] noise. schedule: the noise schedule. encoder: enc(x, gamma) -> x_t.
     eps_fn: denoiser eps_fn(z, t) -> eps_hat (eps- or v-network through `vdm.make_eps_fn`), or
     x_hat_fn: x_hat_fn(z, t) -> x_hat, a direct prediction of x_t (pass exactly one).
     num_steps: T, or None for T = infinity.
@@ -215,14 +216,15 @@ def diffusion_loss(x: Array, t: Array, eps: Array, *, schedule: schedules_lib.Sc
     [B] loss in nats.
   """
   chex.assert_equal_shape([x, eps])
-  chex.assert_shape(t, (x.shape[0],))
+  checks.times(t, "t", batch_size=x.shape[0])
   enc = as_encoder(encoder)
   shift = 1.0 if model_shift else 0.0
   if num_steps is None:
     gamma_t, dgamma = schedule.gamma_and_dgamma(t)
     offset, doffset = encoder_and_derivative(enc.offset, x, gamma_t)  # d x_t/dgamma = d offset/dgamma
   else:
-    t, s = vdm.discretize_times(t, num_steps)
+    i = vdm.step_indices(t, num_steps)
+    t, s = i / num_steps, (i - 1.0) / num_steps
     gamma_t, gamma_s = schedule.gamma(t), schedule.gamma(s)
     offset = enc.offset(x, gamma_t)
   g = vdm.bcast(gamma_t, x)
@@ -236,7 +238,7 @@ def diffusion_loss(x: Array, t: Array, eps: Array, *, schedule: schedules_lib.Sc
     resid = (eps - eps_hat) + sqrt_snr * doffset + shift * sigma * alpha_x_hat
     weight = 0.5 * dgamma
   else:
-    delta = schedule.gamma_difference(t, s)  # exact for the linear schedule (Schedule.gamma_difference)
+    delta = schedule.gamma_difference(i, num_steps)  # from (i, T): exact for the linear schedule
     db = vdm.bcast(delta, x)
     x_diff = enc.offset(x, gamma_s) - offset  # x_s - x_t, from offsets (see module numerics note)
     # u = SNR_t^(1/2)(x_s - x_t) + Delta SNR_t^(1/2) d_hat,  SNR^(1/2) d_hat = -sigma alpha x_hat.

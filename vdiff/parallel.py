@@ -1,4 +1,5 @@
-"""Data parallelism over every device of every host with jax.jit, a Mesh and NamedSharding.
+"""Data parallelism over every device of every host with jax.jit, a Mesh and NamedSharding; processes
+agreeing on a host-side flag (`any_process`: a preemption step, an unreadable checkpoint).
 
 One code path for 1 CPU, 8 GPUs or a TPU pod: parameters are replicated (PartitionSpec()), batches are
 split along their example axis over the mesh axis "data". Under jit the loss sees the GLOBAL batch, so
@@ -95,3 +96,38 @@ def global_batch(local: Any, sharding: NamedSharding, *, batch_axis: int = 0) ->
 def fetch(tree: Any) -> Any:
   """Fully replicated (or fully addressable) arrays -> numpy on this host."""
   return jax.tree.map(lambda a: np.asarray(jax.device_get(a)), tree)
+
+
+_barrier_count = 0
+
+
+def barrier(name: str, *, timeout_s: int = 600) -> None:
+  """Wait until every process reaches this point (the coordination service's barrier, no device work).
+
+  A device collective (an all-reduce in the train step, an all-gather) creates its CPU communicator on
+  first use and waits only 30 s for the other processes; a process still compiling or loading data
+  longer than that makes it fail. A barrier before the first such collective lines the processes up.
+  """
+  global _barrier_count
+  if jax.process_count() == 1:
+    return
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  _barrier_count += 1  # every process calls barriers in the same order, so the names agree
+  ocp.multihost.sync_global_processes(f"vdiff_{name}_{_barrier_count}", timeout=timeout_s)
+
+
+def any_process(flag: bool) -> bool:
+  """True on every process when `flag` is True on at least one (a barrier, then an all-gather of one int
+  per process).
+
+  How processes agree on a host-side event that reaches them at different moments (SIGTERM at a
+  preemption, a checkpoint that one process cannot read): every process calls this at the same point
+  of the program, e.g. at the same training step, and all take the same branch. It is a host
+  synchronisation, so the train loop calls it every few steps, not every step.
+  """
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  barrier("any_process")
+  flags = multihost_utils.process_allgather(np.asarray(int(bool(flag)), np.int32))
+  return bool(np.any(np.asarray(flags)))

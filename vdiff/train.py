@@ -1,11 +1,16 @@
 """Training, evaluation and sampling: `train_and_evaluate(config, workdir)` and its pure, jitted steps.
 
-The work directory (shared/DESIGN.md) receives:
-  config.json      the resolved config
+The work directory receives (its contract, with the lock, the config guard on resume and the verified
+checkpoints, is vdiff/workdir.py):
+  config.json      the config the run started with (a resume records changes in config_changes.jsonl)
   metrics.jsonl    one JSON object per logged step (step, loss, bpd, the loss terms, lr, throughput)
-  checkpoints/     orbax CheckpointManager steps (asynchronous saves, max_to_keep, resumable)
+  checkpoints/     orbax CheckpointManager steps (asynchronous saves, max_to_keep, checksums, resumable)
   eval.json        the last evaluation: step, split, bpd, bpd_stderr, estimator, num_examples, nfe, ...
   samples_<step>.png / samples_<step>.npz   sample grids and the integer samples
+
+SIGTERM and SIGINT stop the loop with a checkpoint at the step it reached; at most MAX_STEPS_IN_FLIGHT
+dispatched steps run ahead of the device, so that happens within a few step times, and the processes of
+a multi-process run agree on the signal so that all save the same step.
 
 State is a `TrainState` pytree (flax TrainState + EMA parameters + rng + non-finite bookkeeping). The train
 step is pure, jit-compiled once over a Mesh with NamedSharding (parameters replicated, batch split over
@@ -16,9 +21,10 @@ from its last checkpoint ends in the state of an uninterrupted run.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import difflib
 import functools
-import json
 import logging
 import math
 import os
@@ -31,7 +37,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import struct
 from flax.training import train_state
 
@@ -41,6 +46,7 @@ from vdiff import grid
 from vdiff import likelihood
 from vdiff import models
 from vdiff import parallel
+from vdiff import workdir as workdir_lib
 
 Array = jax.Array
 log = logging.getLogger("vdiff")
@@ -65,10 +71,55 @@ class TrainState(train_state.TrainState):
 # --------------------------------------------------------------------------------------------------
 # Optimiser and state.
 # --------------------------------------------------------------------------------------------------
+def weight_decay_mask(params) -> Any:
+  """Which parameters weight decay reaches: a tree of bools with the structure of `params`.
+
+  The rule: a leaf is decayed iff it is named `kernel`, has rank >= 2, and does not lie under the
+  top-level `schedule` key. So the weights of dense, convolution and attention layers (score network,
+  DiffEnc encoder, CDM classifier) are decayed, and never
+    * biases and normalisation scales (decay would pull offsets and gains, not weights, towards 0);
+    * embedding tables (`embedding`: each class's row sees only that class's examples, so decay would
+      shrink the rows of rare classes);
+    * any schedule parameter (`schedule/...`: gamma_0 / gamma_1, the monotone network, the scalar
+      slope and offset; decay towards 0 would move the noise schedule's endpoints without any gradient,
+      e.g. gamma_0 from -13.3 to -13.273 in 1,000 steps at weight decay 0.01 and learning rate 2e-4).
+  """
+
+  def rule(path, leaf) -> bool:
+    names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+    return bool(names) and names[0] != "schedule" and names[-1] == "kernel" and jnp.ndim(leaf) >= 2
+
+  return jax.tree_util.tree_map_with_path(rule, params)
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """Scales the update to global norm <= max_norm: u <- u min(1, max_norm / ||u||_2).
+
+  optax.clip_by_global_norm's rule (Pascanu et al. 2012, arXiv:1211.5063) and state (EmptyState), with
+  the norm taken as one reduction over the concatenated leaves (`_flat_sq_norm`): the same expression as
+  the train step's gradient norm, so the compiled step computes it once for the clip, the non-finite
+  guard and the `grad_norm` metric, instead of a reduction per leaf for each.
+  """
+
+  def update_fn(updates, state, params=None):
+    del params
+    g_norm = jnp.sqrt(_flat_sq_norm(updates))
+    # A non-finite norm gives a non-finite scale, and the guard of make_train_step skips the step.
+    scale = jnp.where(g_norm < max_norm, jnp.ones_like(g_norm), max_norm / g_norm)
+    return jax.tree.map(lambda t: t * scale.astype(t.dtype), updates), state
+
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
 def make_optimizer(*, learning_rate: float, warmup_steps: int, b1: float = 0.9, b2: float = 0.99,
                    eps: float = 1e-8, weight_decay: float = 0.01, grad_clip: float = 0.0,
                    lr_schedule: str = "constant", decay_steps: int = 0) -> optax.GradientTransformation:
-  """AdamW with linear warm-up as VDM trains it (b2 = 0.99, weight decay 0.01), optional clipping/decay."""
+  """AdamW with linear warm-up as VDM trains it (b2 = 0.99, weight decay 0.01), optional clipping/decay.
+
+  Decoupled weight decay (Loshchilov & Hutter, arXiv:1711.05101) reaches only the parameters chosen by
+  `weight_decay_mask`: dense / convolution kernels, never biases, norm scales, embeddings or schedule
+  parameters. grad_clip > 0 clips the gradient's global norm first (`clip_by_global_norm`).
+  """
   if lr_schedule == "constant":
     lr = optax.join_schedules([optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1)),
                                optax.constant_schedule(learning_rate)], [max(warmup_steps, 1)])
@@ -77,9 +128,9 @@ def make_optimizer(*, learning_rate: float, warmup_steps: int, b1: float = 0.9, 
                                             max(decay_steps, warmup_steps + 1))
   else:
     raise ValueError(f"optim.lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}.")
-  tx = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+  tx = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=weight_decay_mask)
   if grad_clip > 0:
-    tx = optax.chain(optax.clip_by_global_norm(grad_clip), tx)
+    tx = optax.chain(clip_by_global_norm(grad_clip), tx)
   return tx
 
 
@@ -106,17 +157,48 @@ def create_train_state(model, tx, rng) -> TrainState:
 # The train step.
 # --------------------------------------------------------------------------------------------------
 def _all_finite(tree) -> Array:
-  leaves = jax.tree.leaves(tree)
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.array(True)
+  """True iff every element of every leaf is finite: one reduction over the flattened leaves.
+
+  The leaves are concatenated into one vector and reduced once (one kernel whatever the number of
+  leaves), instead of one reduction per leaf; the concatenation is a temporary copy of the tree. Used on
+  the host (checkpoints); the train step's guard reads its global norms instead (`make_train_step`).
+  """
+  leaves = [jnp.ravel(x) for x in jax.tree.leaves(tree)]
+  if not leaves:
+    return jnp.array(True)
+  return jnp.all(jnp.isfinite(jnp.concatenate([x.astype(jnp.float32) for x in leaves])))
+
+
+def _flat_sq_norm(tree) -> Array:
+  """sum of x^2 over every element of every leaf, as ONE float32 reduction over the concatenated leaves.
+
+  One reduction kernel whatever the number of leaves (a per-leaf reduction adds a kernel per parameter
+  leaf to the step); the price is a temporary float32 copy of the tree. Non-finite iff some element is
+  non-finite or the sum overflows float32 (some |x| above ~1.8e19, or the sum of squares above ~3.4e38).
+  """
+  leaves = [jnp.ravel(x).astype(jnp.float32) for x in jax.tree.leaves(tree)]
+  if not leaves:
+    return jnp.zeros((), jnp.float32)
+  v = jnp.concatenate(leaves)
+  return jnp.sum(v * v)
 
 
 def make_train_step(model, *, ema_decay: float, nan_policy: str = "skip", inject_nan_at_step: int = -1):
   """One optimisation step (state, batch) -> (state, metrics), pure and jit-able.
 
-  The step's randomness is fold_in(state.rng, state.step). A non-finite loss or gradient never reaches
-  the parameters: the update is dropped and counted ('skip'), or the state is frozen and the host stops
-  at its next synchronisation ('stop'). `inject_nan_at_step` >= 0 replaces that step's loss by NaN (a
-  test switch for the policies).
+  The step's randomness is fold_in(state.rng, state.step). A non-finite loss, gradient or updated
+  parameter never reaches the state: the update is dropped and counted ('skip'), or the state is frozen
+  and the host stops at its next synchronisation ('stop'). `inject_nan_at_step` >= 0 replaces that step's
+  loss by NaN (a test switch for the policies).
+
+  The guard costs two scalar tests, not a reduction per parameter leaf: the gradient's global norm
+  ||g||_2 (also the logged `grad_norm`) is non-finite iff some gradient element is non-finite, and the
+  update's squared norm sum(u^2) likewise for the update (a non-finite learning rate or optimiser state
+  makes it non-finite). The parameters are finite from initialisation on, since only finite updates are
+  applied, so the new parameters params + u are finite unless the sum itself overflows float32
+  (|params + u| > 3.4e38). Both norms overflow to inf for a gradient (update) element above ~1.8e19 or a
+  squared norm above ~3.4e38 in float32: such a step is treated as non-finite and skipped too, which is
+  what a step that large deserves.
   """
   if nan_policy not in NAN_POLICIES:
     raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}.")
@@ -133,25 +215,29 @@ def make_train_step(model, *, ema_decay: float, nan_policy: str = "skip", inject
       return loss, terms
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    finite = jnp.isfinite(loss) & _all_finite(grads)
+    grad_norm = jnp.sqrt(_flat_sq_norm(grads))
+    # The optimiser's update is formed before the decision so that its finiteness is part of it; the
+    # parameters, EMA and optimiser state change only inside the conditional below.
+    updates, new_opt_state = state.tx.update(grads, state.opt_state, state.params)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(_flat_sq_norm(updates))
     ok = finite & ~state.halted
 
     def update(operand):
-      st, g = operand
-      updated = st.apply_gradients(grads=g)
-      ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, st.ema_params,
-                         updated.params)
-      return updated.params, updated.opt_state, ema
+      params, _, ema, u, opt = operand
+      params = optax.apply_updates(params, u)
+      ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
+      return params, opt, ema
 
     def keep(operand):
-      st, _ = operand
-      return st.params, st.opt_state, st.ema_params
+      params, opt_state, ema, _, _ = operand
+      return params, opt_state, ema
 
-    # A conditional, not a per-leaf select on `ok`: `ok` reduces over every gradient leaf, and XLA's
-    # fusion would copy that reduction into each leaf's select kernel (O(leaves^2) code; at paper size,
-    # hundreds of leaves, XLA's CPU compilation of this step took over ten minutes and 20 GB). A
-    # skipped step also skips the optimiser's arithmetic.
-    params, opt_state, ema = jax.lax.cond(ok, update, keep, (state, grads))
+    # A conditional, not a per-leaf select on `ok`: `ok` depends on every leaf, and XLA's fusion would
+    # copy its computation into each leaf's select kernel (O(leaves^2) code with the former per-leaf
+    # reductions; at paper size, hundreds of leaves, XLA's CPU compilation of this step took over ten
+    # minutes and 20 GB).
+    params, opt_state, ema = jax.lax.cond(
+        ok, update, keep, (state.params, state.opt_state, state.ema_params, updates, new_opt_state))
     bad = ~finite
     new_state = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
@@ -163,7 +249,7 @@ def make_train_step(model, *, ema_decay: float, nan_policy: str = "skip", inject
     metrics["loss"] = loss
     if "bpd" not in metrics:
       metrics["bpd"] = loss / (num_dims * math.log(2.0))
-    metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["grad_norm"] = grad_norm
     metrics["finite"] = finite.astype(jnp.float32)
     return new_state, metrics
 
@@ -197,45 +283,14 @@ evaluate = evaluate_lib.evaluate
 
 
 # --------------------------------------------------------------------------------------------------
-# Checkpoints.
+# The work directory (vdiff/workdir.py); these names stay importable from here.
 # --------------------------------------------------------------------------------------------------
-def checkpoint_manager(workdir: str, *, max_to_keep: int, async_save: bool = True):
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                         enable_async_checkpointing=async_save)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
-
-
-def restore_latest(mngr, abstract_state) -> tuple[Any, int | None]:
-  """Restore the newest checkpoint that reads back whole and finite; fall back to older ones.
-
-  A checkpoint cut short by a crash (or corrupted on disk) raises on restore; it is reported and the
-  previous step is tried, so one bad save never loses the run.
-  """
-  for step in sorted(mngr.all_steps(), reverse=True):
-    try:
-      state = mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
-    except Exception as e:  # pylint: disable=broad-except
-      log.warning("checkpoint at step %d cannot be restored (%s: %s); trying an older one.",
-                  step, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-      continue
-    if not bool(_all_finite(state.params)):
-      log.warning("checkpoint at step %d holds non-finite parameters; trying an older one.", step)
-      continue
-    return state, step
-  return None, None
-
-
-def save_checkpoint(mngr, state, step: int) -> bool:
-  """Save unless the state holds a non-finite value or was frozen by nan_policy='stop' (a bad state
-  never replaces a good one, and a frozen one is not saved under a later step's name)."""
-  if not bool(jax.device_get(_all_finite((state.params, state.ema_params)))):
-    log.error("not saving step %d: the state holds non-finite values.", step)
-    return False
-  if bool(jax.device_get(state.halted)):
-    log.error("not saving step %d: training stopped at a non-finite step (nan_policy='stop').", step)
-    return False
-  mngr.save(step, args=ocp.args.StandardSave(state))
-  return True
+checkpoint_manager = workdir_lib.checkpoint_manager
+restore_latest = workdir_lib.restore_latest
+save_checkpoint = workdir_lib.save_checkpoint
+write_json = workdir_lib.write_json
+append_jsonl = workdir_lib.append_jsonl
+_Scalars = workdir_lib.Scalars
 
 
 # --------------------------------------------------------------------------------------------------
@@ -252,56 +307,25 @@ def _say(msg: str) -> None:
     print(f"[vdiff] {msg}", flush=True)
 
 
-def write_json(path: str, obj) -> None:
-  """Write JSON atomically (temporary file + rename): readers never see half a file."""
-  if jax.process_index() != 0:
-    return
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
-
-
-def append_jsonl(path: str, obj) -> None:
-  if jax.process_index() != 0:
-    return
-  with open(path, "a") as f:
-    f.write(json.dumps(obj, sort_keys=True) + "\n")
-
-
-class _Scalars:
-  """metrics.jsonl rows mirrored as TensorBoard scalars (workdir/tensorboard; tensorboardX writes the
-  event files without TensorFlow). Process 0 only."""
-
-  def __init__(self, workdir: str):
-    self._writer = None
-    if jax.process_index() == 0:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
-
-  def write(self, row: dict) -> None:
-    if self._writer is None:
-      return
-    step = int(row["step"])
-    for k, v in row.items():
-      if k != "step" and isinstance(v, (int, float)):
-        self._writer.add_scalar(k, float(v), step)
-    self._writer.flush()
-
-  def close(self) -> None:
-    if self._writer is not None:
-      self._writer.close()
-
-
 def _to_python(tree):
   return jax.tree.map(lambda a: float(np.asarray(a)), tree)
 
 
 def load_data(config, split: str):
+  """The split named by config.data (read once per process: `setup` validates the evaluation split
+  and the trainer then evaluates on it, so both get the same loaded arrays)."""
   d = config.data
-  return data_lib.load(d.name, split=split, data_dir=d.data_dir or None, path=d.path or None,
-                       seed=config.seed)
+  # Source options that only some configs define (the photos source's patch geometry).
+  extra = tuple((k, d[k]) for k in ("patch_size", "patch_stride") if k in d)
+  path = d.path or None
+  # A file's modification time is part of the key, so a rewritten .npz is read again.
+  stamp = os.stat(path).st_mtime_ns if path and os.path.exists(path) else None
+  return _load_data_cached(d.name, split, d.data_dir or None, path, stamp, config.seed, extra)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_data_cached(name, split, data_dir, path, stamp, seed, extra):  # pylint: disable=unused-argument
+  return data_lib.load(name, split=split, data_dir=data_dir, path=path, seed=seed, **dict(extra))
 
 
 def build_model(config, ds):
@@ -322,38 +346,88 @@ def _stack_batches(ds, config, start_step: int, n: int):
 
 
 class _Preemption:
-  """Turns SIGTERM (how cluster and TPU preemption arrives) into a flag the train loop checks."""
+  """Turns SIGTERM (how cluster and TPU preemption arrives) and SIGINT (Ctrl-C) into a flag the train
+  loop checks: it saves a checkpoint at the step it is at and stops. A second SIGINT raises
+  KeyboardInterrupt at once (the checkpoint being written, if any, is left as orbax's temporary
+  directory, which the next run moves aside)."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.requested = False
-    self._old = None
+    self.signum = None
+    self._old = {}
+
+  @property
+  def requested(self) -> bool:
+    return self.signum is not None
+
+  @property
+  def name(self) -> str | None:
+    return None if self.signum is None else signal.Signals(self.signum).name
 
   def __enter__(self):
-    try:
-      self._old = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread
-      self._old = None
+    for s in self.SIGNALS:
+      try:
+        self._old[s] = signal.signal(s, self._handle)
+      except ValueError:  # not the main thread
+        pass
     return self
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
-    self.requested = True
+    if self.signum is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    if self.signum is None:
+      self.signum = signum
+      # os.write, not print: a handler that prints while the main thread prints raises RuntimeError.
+      os.write(2, (f"\n[vdiff] {signal.Signals(signum).name}: saving a checkpoint at the current step "
+                   "and stopping" + (" (Ctrl-C again to stop at once)" if signum == signal.SIGINT
+                                     else "") + "\n").encode())
 
   def __exit__(self, *exc):
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
+    for s, old in self._old.items():
+      signal.signal(s, old)
+    self._old = {}
 
 
 def _crossed(prev: int, new: int, every: int) -> bool:
   return every > 0 and new // every > prev // every
 
 
-def _sample_and_save(model, params, config, workdir, step, rng):
+# Dispatched train steps the host may run ahead of the device. jax dispatches asynchronously, so without
+# a bound the loop queues dozens of steps; a preemption signal (and the checkpoint after it) would wait
+# for all of them. With at most this many in flight it is acted on within a few step times, and the
+# progress bar counts finished steps.
+MAX_STEPS_IN_FLIGHT = 2
+# In a multi-process run the processes agree on a preemption signal (which reaches them at different
+# moments) every this many steps, at the same steps on every process, so that all save the same step.
+# Each agreement is an all-gather and a host synchronisation; a one-process run checks every dispatch.
+PREEMPTION_CHECK_STEPS = 4
+# Sampling keys: fold_in(fold_in(PRNGKey(seed), _SAMPLE_STREAM), step). PRNGKey(seed) itself is split for
+# the initialisation, so the samples draw from a stream of their own.
+_SAMPLE_STREAM = 0x53414D50
+
+
+def sample_key(seed: int, step: int) -> Array:
+  """The key the samples of `step` are drawn with (training's periodic and final samples, --mode=sample)."""
+  return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), _SAMPLE_STREAM), step)
+
+
+def make_sample_fn(model, sample_cfg):
+  """(params, rng, label) -> integer samples, jitted once for the config's sampler settings."""
+  s = sample_cfg
+  return jax.jit(functools.partial(model.sample, num=s.num_samples, num_steps=s.num_steps,
+                                   sampler=s.sampler, eta=s.eta, guidance_weight=s.guidance_weight,
+                                   clip_x0=s.get("clip_x0")))
+
+
+def _sample_and_save(model, params, config, workdir, step, rng, *, sample_fn=None):
+  """Draw config.sample.num_samples samples and write samples_<step>.png/.npz; `sample_fn` (from
+  make_sample_fn) is reused across calls so that periodic sampling compiles once."""
   s = config.sample
   label = None
   if model.num_labels and s.label >= 0:
     label = jnp.full((s.num_samples,), s.label, jnp.int32)
-  fn = jax.jit(functools.partial(model.sample, num=s.num_samples, num_steps=s.num_steps,
-                                 sampler=s.sampler, eta=s.eta, guidance_weight=s.guidance_weight))
+  fn = sample_fn if sample_fn is not None else make_sample_fn(model, s)
   samples = np.asarray(jax.device_get(fn(params, rng, label=label)))
   if jax.process_index() == 0:
     base = os.path.join(workdir, f"samples_{step:08d}")
@@ -369,10 +443,32 @@ def _sample_and_save(model, params, config, workdir, step, rng):
 # --------------------------------------------------------------------------------------------------
 # Entry points.
 # --------------------------------------------------------------------------------------------------
+SAMPLERS = ("vdm_ancestral", "ddpm", "ddim", "ode")  # the names models.Family.sample accepts
+
+
+def _config_floats(node, prefix: str = ""):
+  """(dotted key, value) of every float in a ConfigDict, in nested dicts, lists and tuples too."""
+  if hasattr(node, "items"):
+    pairs = [(f"{prefix}.{k}" if prefix else str(k), v) for k, v in node.items()]
+  else:
+    pairs = [(f"{prefix}[{i}]", v) for i, v in enumerate(node)]
+  for name, value in pairs:
+    if isinstance(value, float):
+      yield name, value
+    elif hasattr(value, "items") or isinstance(value, (list, tuple)):
+      yield from _config_floats(value, name)
+
+
 def validate_config(config) -> None:
-  """Refuse impossible settings before any compute, naming the key."""
+  """Refuse impossible settings before any compute, naming the key.
+
+  Every float of the config must be finite (a NaN learning rate or decay would otherwise train a run of
+  NaN steps). Settings checked against the data and the model (batch sizes against the number of
+  examples, the estimator and sampler against the family) are refused in `setup`, still before step 0.
+  """
   t, m = config.training, config.model
-  errors = []
+  errors = [f"{key} must be finite, got {value}" for key, value in _config_floats(config)
+            if not math.isfinite(value)]
   if t.batch_size < 1:
     errors.append(f"training.batch_size must be >= 1, got {t.batch_size}")
   if t.num_steps < 0:
@@ -386,14 +482,35 @@ def validate_config(config) -> None:
     errors.append(f"training.ema_decay must be in [0, 1), got {t.ema_decay}")
   if t.nan_policy not in NAN_POLICIES:
     errors.append(f"training.nan_policy must be one of {NAN_POLICIES}, got {t.nan_policy!r}")
-  if config.optim.learning_rate <= 0:
-    errors.append(f"optim.learning_rate must be > 0, got {config.optim.learning_rate}")
+  o = config.optim
+  # (A NaN fails every comparison below; it is already reported above as not finite.)
+  if o.learning_rate <= 0:
+    errors.append(f"optim.learning_rate must be > 0, got {o.learning_rate}")
+  if o.weight_decay < 0:
+    errors.append(f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+  if o.grad_clip < 0:
+    errors.append(f"optim.grad_clip must be >= 0 (0 = no clipping), got {o.grad_clip}")
   if "schedule" in m and not m.schedule.gamma_min < m.schedule.gamma_max:
     errors.append(f"model.schedule.gamma_min ({m.schedule.gamma_min}) must be < "
                   f"model.schedule.gamma_max ({m.schedule.gamma_max})")
-  if m.family not in models.FAMILIES:
-    errors.append(f"model.family must be one of {sorted(models.FAMILIES)}, got {m.family!r}")
-  errors.extend(evaluate_lib.config_errors(config.eval))
+  try:
+    models.resolve_family(m.family)  # a registered name or an importable "package.module:ClassName"
+  except ValueError as e:
+    errors.append(str(e).rstrip("."))
+  e, smp = config.eval, config.sample
+  errors.extend(evaluate_lib.config_errors(e))  # estimator, dequantisation, precision, condition, ...
+  if e.batch_size < 1:
+    errors.append(f"eval.batch_size must be >= 1, got {e.batch_size}")
+  if e.num_examples < 0:
+    errors.append(f"eval.num_examples must be >= 0 (0 = the whole split), got {e.num_examples}")
+  if smp.sampler not in SAMPLERS:
+    close = difflib.get_close_matches(str(smp.sampler), SAMPLERS, n=1)
+    errors.append(f"sample.sampler must be one of {SAMPLERS}, got {smp.sampler!r}"
+                  + (f" (did you mean {close[0]!r}?)" if close else ""))
+  if smp.num_steps < 1:
+    errors.append(f"sample.num_steps must be >= 1, got {smp.num_steps}")
+  if smp.num_samples < 0:
+    errors.append(f"sample.num_samples must be >= 0, got {smp.num_samples}")
   if errors:
     raise ValueError("invalid config: " + "; ".join(errors) + ".")
   n = jax.device_count()
@@ -403,6 +520,47 @@ def validate_config(config) -> None:
   if config.eval.batch_size % n:
     raise ValueError(f"eval.batch_size ({config.eval.batch_size}) must be divisible by the number "
                      f"of devices ({n}).")
+
+
+def validate_data(config, train_ds, eval_ds) -> None:
+  """Refuse a data set the run cannot use, naming the key: batch sizes larger than the data, and an
+  evaluation split whose examples differ from the training split's (its bits/dim would be computed with
+  the training split's D = H W C and K)."""
+  d, t, e = config.data, config.training, config.eval
+  if t.batch_size > len(train_ds):
+    raise ValueError(f"training.batch_size ({t.batch_size}) must be <= the number of training examples "
+                     f"({len(train_ds)} in data.name={d.name!r}, split 'train').")
+  for what, a, b in (("example shape [H, W, C]", train_ds.shape, eval_ds.shape),
+                     ("number of levels K", train_ds.num_levels, eval_ds.num_levels),
+                     ("number of classes", train_ds.num_labels, eval_ds.num_labels)):
+    if a != b:
+      raise ValueError(f"the evaluation split (eval.split={e.split!r}) of data.name={d.name!r} has "
+                       f"{what} {b}, the training split {a}: every split must agree.")
+  num_eval = len(eval_ds) if not e.num_examples else min(len(eval_ds), e.num_examples)
+  n = jax.device_count()
+  padded = -(-num_eval // n) * n  # one example per device at least
+  if e.batch_size > padded:
+    raise ValueError(f"eval.batch_size ({e.batch_size}) must be <= the number of evaluated examples "
+                     f"({num_eval} of eval.split={e.split!r}"
+                     + (f", rounded up to a multiple of the {n} devices" if n > 1 else "") + ").")
+
+
+def validate_model(config, model) -> None:
+  """Refuse settings the built model cannot run (before step 0, not after the whole training run): the
+  evaluation estimator and the sampler for this family, and the sample label of a conditional model."""
+  make_nll_fn(model, config.eval.estimator, config.eval)  # raises naming eval.estimator and the family
+  s = config.sample
+  check_sample_args = getattr(model, "check_sample_args", None)
+  if check_sample_args is not None:  # models.Family: the sampler and sample.clip_x0
+    check_sample_args(s.sampler, s.get("clip_x0"))
+  else:
+    supported = tuple(getattr(model, "supported_samplers", SAMPLERS))
+    if s.sampler not in supported:
+      raise ValueError(f"sample.sampler={s.sampler!r} does not apply to model family "
+                       f"{model.family_name!r}; use one of {supported}.")
+  if model.num_labels and not -1 <= s.label < model.num_labels:
+    raise ValueError(f"sample.label must be -1 (unconditional) or a class in [0, {model.num_labels}), "
+                     f"got {s.label}.")
 
 
 def init_state(model, tx, rng, mesh) -> TrainState:
@@ -418,7 +576,9 @@ def setup(config, workdir):
   os.makedirs(workdir, exist_ok=True)
   mesh = parallel.make_mesh()
   train_ds = load_data(config, "train")
+  validate_data(config, train_ds, load_data(config, config.eval.split))
   model = build_model(config, train_ds)
+  validate_model(config, model)
   tx = optimizer_from_config(config)
   rng = jax.random.PRNGKey(config.seed)
   init = functools.partial(init_state, model, tx, mesh=mesh)
@@ -427,44 +587,83 @@ def setup(config, workdir):
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Train (resuming from the newest good checkpoint), evaluate and sample; returns the last eval."""
+  """Train (resuming from the newest good checkpoint), evaluate and sample; returns the last eval.
+
+  The work directory's contract (vdiff/workdir.py) comes first: the run takes the directory's lock, and a
+  resume whose config changes a guarded key is refused before anything is written. A run stopped by
+  SIGTERM or SIGINT saves a checkpoint and returns {"step", "preempted": True, "signal"}.
+  """
+  validate_config(config)
+  with workdir_lib.lock(workdir):
+    changes = workdir_lib.check_config(workdir, config)
+    return _train_and_evaluate(config, workdir, changes)
+
+
+def _abstract_replicated(abstract, mesh):
+  return jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=parallel.replicated(mesh)), abstract)
+
+
+def _train_and_evaluate(config, workdir, changes) -> dict:
   mesh, train_ds, model, init, abstract, rng = setup(config, workdir)
   t = config.training
-  write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
   test_ds = load_data(config, config.eval.split)
+  workdir_lib.move_aside_temporary(workdir)
   mngr = checkpoint_manager(workdir, max_to_keep=t.max_checkpoints_to_keep,
                             async_save=t.async_checkpointing)
-  abstract = jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=parallel.replicated(mesh)), abstract)
-  state, start = restore_latest(mngr, abstract)
+  state, start = restore_latest(mngr, _abstract_replicated(abstract, mesh))
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
   if state is None:
     state, start = init(rng), 0
     _say(f"new run in {workdir} on {jax.device_count()} device(s), {jax.process_count()} process(es)")
   else:
+    start = int(start)
     _say(f"resumed from the checkpoint at step {start} in {workdir}")
-  start = int(start)
+    # Rows logged after this checkpoint by the run that stopped are superseded from here on
+    # (workdir.read_metrics drops them).
+    append_jsonl(metrics_path, {"step": start, "event": "resumed", "from_step": start})
+    workdir_lib.prune(mngr, t.max_checkpoints_to_keep)
+  workdir_lib.record_config(workdir, config, step=start, changes=changes)
 
   step_fn = make_train_step(model, ema_decay=t.ema_decay, nan_policy=t.nan_policy,
                             inject_nan_at_step=t.inject_nan_at_step)
   n = t.steps_per_dispatch
   train_step = jit_train_step(step_fn, mesh, steps_per_dispatch=n)
   bsh = parallel.batch_sharding(mesh, leading_axes=0 if n == 1 else 1)
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
   scalars = _Scalars(workdir)
   eval_rng = jax.random.PRNGKey(config.seed + 1)
+  sample_fn = None
   last_eval = None
   step = start
   bar = _progress(total=t.num_steps, desc="train", initial=start)
   t_last, step_last = time.time(), step
+  in_flight = collections.deque()  # (step reached, an output of that dispatch) not yet known finished
+  finished = start
+
+  def wait_for(until: int) -> None:
+    nonlocal finished
+    while in_flight and (in_flight[0][0] <= until or len(in_flight) > MAX_STEPS_IN_FLIGHT):
+      s, token = in_flight.popleft()
+      jax.block_until_ready(token)
+      bar.update(s - finished)
+      finished = s
+
   with _Preemption() as preempt:
     while step < t.num_steps:
       local = _stack_batches(train_ds, config, step, n)
       batch = parallel.global_batch(local, bsh, batch_axis=0 if n == 1 else 1)
+      if step == start and jax.process_count() > 1:
+        # Compile first, then start the first step together: its all-reduce waits only 30 s for the
+        # other processes, and one may compile more slowly (parallel.barrier).
+        train_step = train_step.lower(state, batch).compile()
+        parallel.barrier("first_train_step")
       state, metrics = train_step(state, batch)
       prev, step = step, step + n
-      bar.update(n)
+      in_flight.append((step, metrics["loss"]))  # metrics are not donated: safe to wait on later
+      wait_for(-1)  # keep at most MAX_STEPS_IN_FLIGHT dispatches queued
       is_last = step >= t.num_steps
       if _crossed(prev, step, t.log_every) or is_last:
+        wait_for(step)
         m = _to_python(metrics)
         nonfinite = int(state.nonfinite_count)
         dt = time.time() - t_last
@@ -486,15 +685,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 f"non-finite loss or gradient at step {first} (nan_policy='stop'); the state was "
                 f"frozen there and the last checkpoint ({mngr.latest_step()}) is finite.")
           log.warning("%d non-finite step(s) skipped so far (first at step %d)", nonfinite, first)
-      if _crossed(prev, step, t.checkpoint_every) or is_last or preempt.requested:
+      # Every process must stop at the same step (the save is a collective): one process agrees with
+      # itself at every dispatch; several agree every PREEMPTION_CHECK_STEPS steps and at the end.
+      if jax.process_count() == 1:
+        stop = preempt.requested
+      elif _crossed(prev, step, PREEMPTION_CHECK_STEPS) or is_last:
+        stop = parallel.any_process(preempt.requested)
+      else:
+        stop = False
+      if _crossed(prev, step, t.checkpoint_every) or is_last or stop:
         save_checkpoint(mngr, state, step)
-      if preempt.requested:
+      if stop:
+        wait_for(step)
         mngr.wait_until_finished()
-        append_jsonl(metrics_path, {"step": step, "event": "preempted"})
-        log.warning("SIGTERM: saved a checkpoint at step %d and stopped.", step)
+        name = preempt.name or "a signal to another process"
+        append_jsonl(metrics_path, {"step": step, "event": "preempted", "signal": name})
+        log.warning("%s: saved a checkpoint at step %d and stopped.", name, step)
         bar.close()
+        scalars.close()
         mngr.close()
-        return {"step": step, "preempted": True}
+        return {"step": step, "preempted": True, "signal": name}
       if _crossed(prev, step, t.eval_every) and not is_last:
         last_eval = evaluate(model, state.ema_params, test_ds, estimator=config.eval.estimator,
                              eval_cfg=config.eval, mesh=mesh, rng=eval_rng, split=config.eval.split,
@@ -503,7 +713,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         append_jsonl(metrics_path, row)
         scalars.write(row)
       if _crossed(prev, step, t.sample_every) and not is_last:
-        _sample_and_save(model, state.ema_params, config, workdir, step, jax.random.PRNGKey(step))
+        sample_fn = sample_fn or make_sample_fn(model, config.sample)
+        _sample_and_save(model, state.ema_params, config, workdir, step,
+                         sample_key(config.seed, step), sample_fn=sample_fn)
+    wait_for(step)
   bar.close()
   mngr.wait_until_finished()
   last_eval = evaluate(model, state.ema_params, test_ds, estimator=config.eval.estimator,
@@ -516,18 +729,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   scalars.write(row)
   scalars.close()
   if config.sample.num_samples > 0:
-    _sample_and_save(model, state.ema_params, config, workdir, step, jax.random.PRNGKey(config.seed))
+    sample_fn = sample_fn or make_sample_fn(model, config.sample)
+    _sample_and_save(model, state.ema_params, config, workdir, step, sample_key(config.seed, step),
+                     sample_fn=sample_fn)
   mngr.close()
   return last_eval
 
 
 def _restore_for_inference(config, workdir):
+  """The newest good checkpoint for --mode=eval/sample. Read-only: a training run may hold the work
+  directory, so a bad checkpoint is reported and skipped, not moved, and the lock is not taken."""
+  validate_config(config)
+  workdir_lib.check_config(workdir, config)
   mesh, train_ds, model, _, abstract, _ = setup(config, workdir)
   mngr = checkpoint_manager(workdir, max_to_keep=config.training.max_checkpoints_to_keep,
                             async_save=False)
-  abstract = jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=parallel.replicated(mesh)), abstract)
-  state, step = restore_latest(mngr, abstract)
+  state, step = restore_latest(mngr, _abstract_replicated(abstract, mesh), move_aside=False)
   mngr.close()
   if state is None:
     raise FileNotFoundError(f"no restorable checkpoint in {os.path.join(workdir, 'checkpoints')}; "
@@ -551,5 +768,4 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
 def sample_checkpoint(config, workdir: str) -> np.ndarray:
   """--mode=sample: draw config.sample.num_samples samples from the newest checkpoint; PNG + npz."""
   _, model, state, step = _restore_for_inference(config, workdir)
-  return _sample_and_save(model, state.ema_params, config, workdir, step,
-                          jax.random.PRNGKey(config.seed))
+  return _sample_and_save(model, state.ema_params, config, workdir, step, sample_key(config.seed, step))

@@ -15,11 +15,18 @@ sum_b c_b L_b (c_b = 1/B for a batch mean, c_b = 1/(B D ln 2) for mean bits/dim,
   * the shape parameters eta get  sum_b c_b 2 L_b dL_b/d eta,  i.e. for the batch mean
     d/d eta [ (1/B) sum_b L_b^2 ]  -- the gradient of the batch mean of L_diff^2 (in nats^2), which is an
     unbiased estimate of d Var[L_diff] / d eta.
-Implementation: a jax.custom_vjp whose forward pass evaluates the per-example loss with a per-example
-COPY of the shape parameters (vmap over the batch with eta broadcast), so a single reverse pass yields the
-per-example shape gradients dL_b/d eta_b [B, ...]; the backward rule contracts them with c_b 2 L_b and
-passes all other cotangents through unchanged. Closed-over arrays of `diff_loss_fn` (the denoiser's
-parameters) are hoisted with jax.closure_convert so that their gradients flow as usual.
+Implementation: a jax.custom_vjp whose forward pass evaluates `diff_loss_fn` ONCE on the whole batch,
+exactly as the plain loss does (the same network call, hence the same dropout masks for the same rng),
+and keeps its VJP. The backward rule applies that VJP to two cotangents: c (for every parameter but the
+shape) and 2 L c (for the shape), since
+
+    sum_b c_b 2 L_b dL_b/d eta = d/d eta [ sum_b w_b L_b ]   with the weights w_b = 2 c_b L_b held fixed.
+
+No per-example gradients are formed and the loss need not be separable over the batch. The cost is one
+extra reverse pass through the loss for the shape cotangent; under jit, XLA drops the parts of each pass
+whose results are unused (e.g. the network's weight gradients in the shape pass). Closed-over arrays of
+`diff_loss_fn` (the denoiser's parameters) are hoisted with jax.closure_convert so that their gradients
+flow as usual.
 
 The shape is eta-free in expectation only in continuous time; with a T-step loss the gradient returned for
 eta is still d mean(L^2)/d eta, which then also moves E[L].
@@ -54,15 +61,15 @@ def variance_minimizing_diffusion_loss(diff_loss_fn: Callable[[PyTree, PyTree], 
   Args:
     diff_loss_fn: (schedule_params, batch) -> [B] per-example diffusion loss in nats, e.g. one that
       builds `schedules.from_module(PinnedMonotoneGamma(...), schedule_params)` and calls
-      `vdm.diffusion_loss` or `diffenc.diffusion_loss`. It must be separable over the batch (example b's
-      loss depends only on example b's inputs: no batch statistics); it is evaluated per example under
-      vmap. It may close over other (differentiated) parameters, e.g. the denoiser's.
+      `vdm.diffusion_loss` or `diffenc.diffusion_loss`. It is called once on the whole batch, so its
+      value (dropout included) is that of the plain loss. It may close over other (differentiated)
+      parameters, e.g. the denoiser's, and over rng keys.
     schedule_params: dict of schedule parameters with key `shape_key`, e.g. PinnedMonotoneGamma's
-      {'gamma_0', 'gamma_1', 'shape'}.
+      {'gamma_0', 'gap', 'shape'}.
     batch: pytree of per-example arrays with leading dimension B (e.g. {'x', 't', 'eps'}).
     shape_key: the key of the shape parameters in schedule_params.
   Returns:
-    [B] the per-example loss (same values as diff_loss_fn(schedule_params, batch)).
+    [B] the per-example loss (the value of diff_loss_fn(schedule_params, batch)).
   """
   if shape_key not in schedule_params:
     raise KeyError(f"schedule_params has no {shape_key!r} entry; keys: {list(schedule_params)}.")
@@ -70,46 +77,35 @@ def variance_minimizing_diffusion_loss(diff_loss_fn: Callable[[PyTree, PyTree], 
   rest = {k: v for k, v in schedule_params.items() if k != shape_key}
   batch_size = jax.tree_util.tree_leaves(batch)[0].shape[0]
 
-  def per_example(shape_b, rest, batch_b):
-    one = jax.tree_util.tree_map(lambda a: a[None], batch_b)
-    out = diff_loss_fn({**rest, shape_key: shape_b}, one)
-    if out.shape != (1,):
-      raise ValueError(
-          "diff_loss_fn must be separable over the batch: on a batch of one it returned shape "
-          f"{out.shape}, not (1,). Pass per-example inputs (e.g. labels) in `batch`, not by closure.")
-    return out[0]
+  def fn(shape, rest, batch):
+    return diff_loss_fn({**rest, shape_key: shape}, batch)
 
-  example = jax.tree_util.tree_map(lambda a: a[0], batch)
-  converted, consts = jax.closure_convert(per_example, shape, rest, example)
-  num_consts = len(consts)
+  out = jax.eval_shape(fn, shape, rest, batch)
+  if out.shape != (batch_size,):
+    raise ValueError(f"diff_loss_fn must return per-example losses of shape [B] = ({batch_size},), "
+                     f"got {out.shape}.")
+  converted, consts = jax.closure_convert(fn, shape, rest, batch)
 
-  def batched(shape_per_example, rest, batch, consts):
-    return jax.vmap(lambda s, b: converted(s, rest, b, *consts))(shape_per_example, batch)
+  def apply(shape, rest, batch, consts):
+    return converted(shape, rest, batch, *consts)
 
   @jax.custom_vjp
   def loss(shape, rest, batch, consts):
-    return batched(_tile(shape, batch_size), rest, batch, consts)
+    return apply(shape, rest, batch, consts)
 
   def loss_fwd(shape, rest, batch, consts):
-    value, vjp_fn = jax.vjp(batched, _tile(shape, batch_size), rest, batch, consts)
+    value, vjp_fn = jax.vjp(apply, shape, rest, batch, consts)
     return value, (value, vjp_fn)
 
   def loss_bwd(res, ct):
     value, vjp_fn = res
-    g_shape_per_example, g_rest, g_batch, g_consts = vjp_fn(ct)
-    # ct_b dL_b/d eta_b came back per example: weight by 2 L_b and sum over the batch.
-    w = 2.0 * value
-    g_shape = jax.tree_util.tree_map(lambda g: jnp.tensordot(w, g, axes=1), g_shape_per_example)
+    _, g_rest, g_batch, g_consts = vjp_fn(ct)
+    # The shape's cotangent: the same VJP with the fixed weights 2 L_b c_b (see the module docstring).
+    g_shape, _, _, _ = vjp_fn(2.0 * value * ct)
     return g_shape, g_rest, g_batch, g_consts
 
   loss.defvjp(loss_fwd, loss_bwd)
-  assert len(consts) == num_consts
   return loss(shape, rest, batch, list(consts))
-
-
-def _tile(tree: PyTree, n: int) -> PyTree:
-  """Broadcast every leaf to a leading axis of size n (one copy of the shape parameters per example)."""
-  return jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (n,) + jnp.shape(a)), tree)
 
 
 def negative_elbo(rng: Array, x: Array, *, gamma_module, schedule_params: dict,
@@ -120,20 +116,19 @@ def negative_elbo(rng: Array, x: Array, *, gamma_module, schedule_params: dict,
                   shape_key: str = "shape") -> tuple[Array, dict[str, Array]]:
   """-ELBO per example (VDM, or DiffEnc with `encoder`) with the variance-minimising shape gradient.
 
-  Same value and rng use as `vdm.negative_elbo` / `diffenc.negative_elbo`; the only difference is the
+  Same value and rng use as `vdm.negative_elbo` / `diffenc.negative_elbo` (the denoiser runs once on
+  the whole batch, so dropout draws the same masks from the same key); the only difference is the
   gradient w.r.t. schedule_params[shape_key] (see `variance_minimizing_diffusion_loss`). The prior and
   reconstruction terms depend on the schedule only through gamma(0), gamma(1) (for PinnedMonotoneGamma
-  these are the 'gamma_0', 'gamma_1' parameters exactly, with zero shape gradient).
+  gamma_0 and gamma_0 + softplus(gap), with zero shape gradient).
 
   Args:
     rng: PRNG key. x: [B, ...] encoded K-level data.
     gamma_module: the learned schedule module (e.g. `schedules.PinnedMonotoneGamma()`).
-    schedule_params: its parameters {'gamma_0', 'gamma_1', 'shape': {...}}.
+    schedule_params: its parameters {'gamma_0', 'gap', 'shape': {...}}.
     eps_fn_from_schedule: (schedule, cond) -> eps_fn(z, t), e.g.
       `lambda s, c: vdm.make_eps_fn(lambda z, g: net.apply({'params': p}, z, g, c), s)`. It is called
-      per example (batch of one, under vmap) with a schedule built from that example's copy of the
-      shape parameters and that example's slice of `cond`: per-example inputs such as class labels
-      must come through `cond`, not through a closure.
+      once, with the schedule of schedule_params and the whole batch's `cond`.
     num_levels: K. cond: optional per-example conditioning pytree (leading dimension B), or None.
     encoder: None for VDM, or a DiffEnc encoder. num_steps: T (None = continuous).
     antithetic: stratified t. t: optional [B] times. shape_key: key of the shape parameters.

@@ -67,20 +67,47 @@ def x_from_v(z: Array, v: Array, alpha: Array, sigma: Array) -> Array:
 
 
 def make_eps_fn(apply_fn: Callable[[Array, Array], Array], schedule: schedules_lib.Schedule, *,
-                parameterization: str = "eps", gamma_min: float = schedules_lib.GAMMA_MIN,
-                gamma_max: float = schedules_lib.GAMMA_MAX) -> EpsFn:
+                parameterization: str = "eps", gamma_min: float | None = None,
+                gamma_max: float | None = None) -> EpsFn:
   """Turn a network apply_fn(z, g_norm) into a denoiser eps_fn(z, t).
 
-  The network is conditioned on the normalised gamma, g_norm = (gamma_t - gamma_min) / (gamma_max -
-  gamma_min), as in VDM; its output is read as eps (`parameterization="eps"`) or v (`"v"`).
+  The network is conditioned on the normalised gamma, as in VDM (arXiv:2107.00630, appendix B):
+
+      g_norm = (gamma_t - gamma_min) / (gamma_max - gamma_min),
+
+  which runs over [0, 1] as t does when [gamma_min, gamma_max] are the schedule's endpoints. By default
+  they are the schedule's nominal range `schedule.gamma_range` (the endpoints of `linear`, `cosine`,
+  `ddpm_linear_beta`; the initial endpoints of a learned schedule bound by `from_module`, so the input
+  scale stays fixed while the endpoints learn). A schedule that does not know its range (`from_function`
+  without gamma_range) uses its current endpoints gamma(0), gamma(1), without gradient. Pass both
+  explicitly to fix another range (the built-in families pass their config's gamma_min / gamma_max).
+  The network's output is read as eps (`parameterization="eps"`) or v (`"v"`, converted to eps).
+
+  Args:
+    apply_fn: (z [B, ...], g_norm [B]) -> [B, ...], the network.
+    schedule: the noise schedule gamma(t).
+    parameterization: "eps" or "v".
+    gamma_min, gamma_max: the normalisation range; both None (the default) or both given.
+  Returns:
+    eps_fn(z [B, ...], t [B] or scalar) -> eps_hat [B, ...].
   """
   if parameterization not in ("eps", "v"):
     raise ValueError(f"parameterization must be 'eps' or 'v', got {parameterization!r}.")
+  if (gamma_min is None) != (gamma_max is None):
+    raise ValueError("make_eps_fn: pass both gamma_min and gamma_max or neither (neither = the "
+                     f"schedule's own range); got gamma_min={gamma_min}, gamma_max={gamma_max}.")
+  if gamma_min is None:
+    gamma_min, gamma_max = getattr(schedule, "gamma_range", None) or (None, None)
 
   def eps_fn(z, t):
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), z.shape[:1])
     gamma = schedule.gamma(t)
-    out = apply_fn(z, (gamma - gamma_min) / (gamma_max - gamma_min))
+    if gamma_min is None:
+      # The schedule does not know its range: its current endpoints, as constants of the network input.
+      g0, g1 = jax.lax.stop_gradient(schedule.endpoints())
+    else:
+      g0, g1 = gamma_min, gamma_max
+    out = apply_fn(z, (gamma - g0) / (g1 - g0))
     if parameterization == "eps":
       return out
     g = bcast(gamma, z)
@@ -152,9 +179,17 @@ def reconstruction_loss(eps: Array, x: Array, gamma_0: Array, *, num_levels: int
   return -_sum_per_example(logp_x)
 
 
+def step_indices(t: Array, num_steps: int) -> Array:
+  """The step i = floor(t T) + 1 in {1..T} of times t in [0, 1] (t = 1 is the last step, i = T), float32.
+
+  float32 holds these integers exactly (T <= 2^24); `Schedule.gamma_difference(i, T)` takes them.
+  """
+  return jnp.clip(jnp.floor(t * num_steps) + 1.0, 1.0, float(num_steps))
+
+
 def discretize_times(t: Array, num_steps: int) -> tuple[Array, Array]:
-  """Map t in [0, 1) to the T-step grid: t_i = i / T with i = floor(t T) + 1 in {1..T}, s = (i - 1) / T."""
-  i = jnp.floor(t * num_steps) + 1.0
+  """Map t in [0, 1] to the T-step grid: t_i = i / T with i = `step_indices(t, T)`, s = (i - 1) / T."""
+  i = step_indices(t, num_steps)
   return i / num_steps, (i - 1.0) / num_steps
 
 
@@ -167,22 +202,26 @@ def diffusion_loss(x: Array, t: Array, eps: Array, *, schedule: schedules_lib.Sc
   weight accurate when gamma_t - gamma_s is small (large T), where exp(.) - 1 would cancel.
 
   Args:
-    x: [B, ...] data. t: [B] times in [0, 1). eps: [B, ...] noise.
-    schedule: the noise schedule. eps_fn: the denoiser. num_steps: T, or None for T = infinity.
+    x: [B, ...] data. t: [B] floating-point times in [0, 1] (t = 1 is the last step i = T); integer
+      dtypes are refused, and eagerly NaN or out-of-range values too (under jit a NaN t gives NaN).
+    eps: [B, ...] noise. schedule: the noise schedule. eps_fn: the denoiser.
+    num_steps: T, or None for T = infinity.
   """
   checks.batch(x, "x")
   chex.assert_equal_shape([x, eps])
-  chex.assert_shape(t, (x.shape[0],))
+  checks.times(t, "t", batch_size=x.shape[0])
   if num_steps is not None:
     checks.positive_int(num_steps, "num_steps")
   if num_steps is None:
     gamma_t, dgamma = schedule.gamma_and_dgamma(t)
     weight = 0.5 * dgamma
   else:
-    t, s = discretize_times(t, num_steps)
+    i = step_indices(t, num_steps)
+    t = i / num_steps
     gamma_t = schedule.gamma(t)
-    # gamma_difference: exact for the linear schedule, not a difference of two float32 gammas near -13.
-    weight = 0.5 * num_steps * jnp.expm1(schedule.gamma_difference(t, s))
+    # gamma_t - gamma_s from (i, T): exact for the linear schedule, not a difference of two float32
+    # gammas near -13 at two float32-rounded times (see Schedule.gamma_difference).
+    weight = 0.5 * num_steps * jnp.expm1(schedule.gamma_difference(i, num_steps))
   g = bcast(gamma_t, x)
   z = schedules_lib.alpha_from_gamma(g) * x + schedules_lib.sigma_from_gamma(g) * eps
   eps_hat = eps_fn(z, t)
@@ -199,7 +238,9 @@ def negative_elbo(rng: Array, x: Array, *, schedule: schedules_lib.Schedule, eps
   Args:
     rng: PRNG key. x: [B, ...] encoded K-level data. schedule, eps_fn: the model.
     num_levels: K. num_steps: T (None = continuous time). antithetic: stratified t over the batch.
-    t: optional [B] times (overrides sampling; for stratification over a larger global batch).
+    t: optional [B] floating-point times in [0, 1] (overrides sampling; for stratification over a larger
+      global batch). Integer dtypes are refused; NaN or out-of-range values eagerly (under jit a NaN t
+      gives a NaN -ELBO, never a finite number).
   Returns:
     (nelbo [B], {"prior": [B], "recon": [B], "diff": [B]}).
   """
@@ -210,6 +251,7 @@ def negative_elbo(rng: Array, x: Array, *, schedule: schedules_lib.Schedule, eps
   rng_t, rng_0, rng_e = jax.random.split(rng, 3)
   if t is None:
     t = sample_times(rng_t, x.shape[0], antithetic=antithetic)
+  checks.times(t, "t", batch_size=x.shape[0])
   gamma_0, gamma_1 = schedule.endpoints()
   prior = prior_loss(x, gamma_1)
   recon = reconstruction_loss(jax.random.normal(rng_0, x.shape), x, gamma_0, num_levels=num_levels)

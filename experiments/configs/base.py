@@ -21,7 +21,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   d.random_flip = False
 
   c.model = m = ml_collections.ConfigDict()
-  m.family = "vdm"           # vdm | diffenc | cdm
+  m.family = "vdm"           # vdm | diffenc | cdm | a registered name | "package.module:ClassName"
   m.parameterization = "eps" # eps | v
   m.num_steps = 0            # T of the diffusion loss; 0 = continuous time
   m.antithetic = True        # stratified time sampling over the global batch
@@ -47,10 +47,18 @@ def get_base_config() -> ml_collections.ConfigDict:
   e.num_res_blocks = 2
   e.attn_resolutions = ()
   e.num_groups = 32
+  # A user family's own hyperparameters (model.family = "package.module:ClassName", see
+  # vdiff.models.FamilyProtocol): declare them here in the family's config file; the command line can
+  # then override them (--config.model.options.KEY=VALUE) but, the config being locked, not add new ones.
+  m.options = ml_collections.ConfigDict()
   m.cdm = cd = ml_collections.ConfigDict()     # Classification Diffusion Models
   cd.num_steps = 1000        # T: classes 0..T+1
-  cd.beta_start = 1e-4
-  cd.beta_end = 0.02
+  cd.grid = "ddpm"           # ddpm | uniform | schedule: the class grid abar_0..abar_{T+1} (vdiff.cdm.class_grid)
+  cd.beta_start = 1e-4       # ddpm grid: DDPM's linear betas beta_start..beta_end over beta_steps steps,
+  cd.beta_end = 0.02         #   resampled at the T levels t = i / T, so that any T (the `tiny` T = 50
+  cd.beta_steps = 1000       #   too) ends where that schedule ends (abar = 4.0e-5 for these values)
+                             # schedule grid: model.schedule (kind linear | cosine, gamma_min, gamma_max)
+                             #   sampled at t = i / T; uniform grid: sqrt(1 - abar_t) = t / (T + 1)
   cd.w_ce = 1e-3
   cd.ch = 128
   cd.ch_mult = (1, 2, 2, 2)
@@ -82,6 +90,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   t.async_checkpointing = True
   t.nan_policy = "skip"      # skip | stop
   t.inject_nan_at_step = -1  # testing switch: replace that step's loss by NaN
+  t.allow_config_change = False  # resume even if a guarded key changed (vdiff/workdir.py HARMLESS_KEYS)
 
   c.eval = ev = ml_collections.ConfigDict()
   ev.split = "test"
@@ -106,6 +115,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   sm.sampler = "vdm_ancestral"  # vdm_ancestral | ddpm | ddim | ode
   sm.num_steps = 256
   sm.eta = 0.0
+  # ddpm / ddim: clip x0_hat to [-1, 1]; None = the sampler's own default (ddpm clips, ddim does not).
+  sm.clip_x0 = ml_collections.FieldReference(None, field_type=bool)
   sm.guidance_weight = 0.0
   sm.label = -1              # class to sample when conditional; -1 = unconditional
   sm.num_samples = 64

@@ -2,8 +2,11 @@
 
 A U-Net without downsampling: input Fourier features of z, `num_blocks` ResNet blocks at full resolution,
 a middle ResNet-attention-ResNet block, `num_blocks + 1` ResNet blocks on the way up with skip
-concatenations, GroupNorm -> SiLU -> zero-initialised conv, plus a skip of z (the output at
-initialisation is eps_hat = z, the optimal denoiser of pure noise). The network is conditioned on the
+concatenations, GroupNorm -> SiLU -> zero-initialised conv, plus a skip of z (skip_z): at initialisation
+the network's output is exactly its input z. Read as eps (`vdm.make_eps_fn(..., parameterization="eps")`)
+that is eps_hat = z, the optimal denoiser of pure noise; read as v ("v") it is v_hat = z, i.e.
+eps_hat = sigma_t z + alpha_t v_hat = (sigma_t + alpha_t) z and x_hat = (alpha_t - sigma_t) z, which is
+not eps_hat = z (except where alpha_t = 0). The network is conditioned on the
 normalised gamma, g_norm = (gamma_t - gamma_min) / (gamma_max - gamma_min) in [0, 1], through a sinusoidal
 embedding of 1000 g_norm, and optionally on a class label (label `num_labels` is the null label of
 classifier-free guidance).
@@ -18,7 +21,11 @@ from vdiff.nets import layers
 
 
 class ScoreUNet(nn.Module):
-  """eps- or v-prediction network: (z [B, H, W, C], g_norm [B], label [B] | None) -> [B, H, W, C]."""
+  """eps- or v-prediction network: (z [B, H, W, C], g_norm [B], label [B] | None) -> [B, H, W, C].
+
+  With skip_z (default) the output at initialisation equals z (see the module docstring for what that
+  means as eps and as v).
+  """
 
   ch: int = 128
   num_blocks: int = 32

@@ -1,0 +1,681 @@
+"""The work directory's contract: one run at a time, the config the run started with, checkpoints that read
+back exactly as they were written, and append-only records.
+
+A work directory holds (process 0 writes every file; docs/math.md does not enter here):
+
+  run.lock              JSON {pid, host, start_time, ...} of the process that holds the directory
+  config.json           the config the run STARTED with; a resume never rewrites it
+  config_changes.jsonl  one row per resume that changed a key: {"step", "changes": {key: [old, new]}, ...}
+  metrics.jsonl         one JSON object per logged step, plus event rows ({"event": "resumed", ...});
+                        `read_metrics` keeps, for every step, the row of the timeline that was resumed
+  tensorboard/          the same scalars as TensorBoard event files
+  eval.json             the last evaluation
+  checkpoints/<step>/   orbax CheckpointManager steps; `checksums.json` inside each holds the sha256 of
+                        every file of the step, written once orbax has finished the save
+  checkpoints/corrupt/  checkpoints that failed verification and orbax temporary directories left by a
+                        killed or failed save, moved aside (never deleted) for inspection
+
+Guarantees (each tried by a test in tests/test_workdir.py or tests/test_reliability.py):
+  * `lock`: a second run on the same directory is refused with the holder's pid, host and start time; a
+    lock left by a dead process on the same host is taken over with a message.
+  * `check_config`: a resume that changes a key outside `HARMLESS_KEYS` (the model, the data, the batch,
+    the seed, the optimiser, ...) is refused before anything is written, listing every differing key,
+    unless `training.allow_config_change=True`; changes that are allowed are recorded.
+  * `restore_latest`: the newest checkpoint whose checksums match, whose arrays read back and whose
+    parameters, EMA parameters and optimiser state are finite; a checkpoint failing any of these is
+    reported and moved to checkpoints/corrupt/<step>, so that the step is trained and saved again. A
+    checkpoint whose tree of shapes and dtypes differs from the run's state is an error naming the
+    difference, never taken for corruption: nothing is moved or deleted.
+  * `save_checkpoint`: a save that orbax skips is an error, not a silent no-op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+log = logging.getLogger("vdiff")
+
+LOCK_FILE = "run.lock"
+CONFIG_FILE = "config.json"
+CONFIG_CHANGES_FILE = "config_changes.jsonl"
+CHECKPOINTS = "checkpoints"
+CORRUPT = "corrupt"
+CHECKSUMS_FILE = "checksums.json"
+_ORBAX_TMP = ".orbax-checkpoint-tmp"
+
+# The keys a resume may change without changing what the run computes (the state's structure, the data,
+# the order and randomness of the updates): how long to train, how and when to log, checkpoint, evaluate
+# and sample. A key is harmless when it equals one of these or lies below one ("eval" covers
+# "eval.batch_size"). Every other key (model.*, data.*, optim.*, seed, training.batch_size,
+# training.ema_decay, ...) is guarded: changing it on resume is refused unless
+# training.allow_config_change=True.
+HARMLESS_KEYS = (
+    "training.num_steps",            # guarded instead when optim.lr_schedule='cosine': it sets the decay
+    "training.log_every",
+    "training.eval_every",
+    "training.checkpoint_every",
+    "training.sample_every",
+    "training.max_checkpoints_to_keep",
+    "training.async_checkpointing",
+    "training.steps_per_dispatch",   # data and rng are functions of the step, not of the dispatch
+    "training.allow_config_change",
+    "eval",
+    "sample",
+)
+# Keys whose harmlessness depends on another key: (key, condition on the new config, why).
+_CONDITIONALLY_GUARDED = (
+    ("training.num_steps", lambda flat: flat.get("optim.lr_schedule") == "cosine",
+     "with optim.lr_schedule='cosine' the decay length is training.num_steps"),
+)
+
+
+class WorkdirError(RuntimeError):
+  """The work directory cannot be used as asked; the message says why and what to do."""
+
+
+class WorkdirLockedError(WorkdirError):
+  """Another live process holds the work directory's lock."""
+
+
+class ConfigChangeError(WorkdirError):
+  """A resume would change a guarded config key."""
+
+
+class CheckpointMismatchError(WorkdirError):
+  """A checkpoint's tree of shapes and dtypes differs from the state the run builds."""
+
+
+class CheckpointSaveError(WorkdirError):
+  """orbax did not save a checkpoint it was asked to save."""
+
+
+def _is_main() -> bool:
+  return jax.process_index() == 0
+
+
+def _say(msg: str, *, err: bool = False) -> None:
+  if _is_main():
+    print(f"[vdiff] {msg}", file=sys.stderr if err else sys.stdout, flush=True)
+
+
+def _now() -> str:
+  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _any_process(flag: bool) -> bool:
+  """True on every process when `flag` is True on any process (no collective in a 1-process run)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from vdiff import parallel  # pylint: disable=g-import-not-at-top
+  return parallel.any_process(flag)
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    from vdiff import parallel  # pylint: disable=g-import-not-at-top
+    parallel.barrier(name)
+
+
+# --------------------------------------------------------------------------------------------------
+# JSON records.
+# --------------------------------------------------------------------------------------------------
+def write_json(path: str, obj) -> None:
+  """Write JSON atomically (temporary file + rename): readers never see half a file. Process 0 only."""
+  if not _is_main():
+    return
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def append_jsonl(path: str, obj) -> None:
+  """Append one JSON object as a line. Process 0 only."""
+  if not _is_main():
+    return
+  with open(path, "a") as f:
+    f.write(json.dumps(obj, sort_keys=True) + "\n")
+
+
+def read_metrics(path: str) -> list[dict]:
+  """The rows of a metrics.jsonl as the run that finished them saw them.
+
+  A resumed run continues from its last checkpoint N and logs steps after N again; it marks the place
+  with {"event": "resumed", "from_step": N}. Every row logged before that mark with a step after N
+  belongs to the abandoned stretch and is dropped, so each step keeps the value the resumed run logged
+  (the last one). The "resumed" rows themselves are kept. A line cut short by a killed run is skipped.
+  """
+  rows: list[dict] = []
+  if not os.path.exists(path):
+    return rows
+  with open(path) as f:
+    for line in f:
+      line = line.strip()
+      if not line:
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue  # a line cut short by a killed run
+      if row.get("event") == "resumed":
+        n = int(row["from_step"])
+        rows = [r for r in rows if int(r.get("step", 0)) <= n or r.get("event") == "resumed"]
+      rows.append(row)
+  return rows
+
+
+class Scalars:
+  """metrics.jsonl rows mirrored as TensorBoard scalars (workdir/tensorboard; tensorboardX writes the
+  event files without TensorFlow). Process 0 only."""
+
+  def __init__(self, workdir: str):
+    self._writer = None
+    if _is_main():
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, row: dict) -> None:
+    if self._writer is None:
+      return
+    step = int(row["step"])
+    for k, v in row.items():
+      if k != "step" and isinstance(v, (int, float)):
+        self._writer.add_scalar(k, float(v), step)
+    self._writer.flush()
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# The lock.
+# --------------------------------------------------------------------------------------------------
+def _start_ticks(pid: int) -> int | None:
+  """The process's start time in clock ticks since boot (Linux /proc), None where unavailable. With the
+  pid it identifies a process: a pid reused by a later process has a different start time."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      stat = f.read()
+    # Field 22; the command name (field 2) may hold spaces, so count from its closing parenthesis.
+    return int(stat[stat.rindex(")") + 2:].split()[19])
+  except (OSError, ValueError, IndexError):
+    return None
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True  # exists, owned by another user
+  return True
+
+
+def _holder_is_gone(holder: dict) -> bool:
+  """Whether the lock's holder is known to be dead: same host, and its pid is gone or now names another
+  process (a different start time, or this very process). On another host nothing can be known."""
+  if holder.get("host") != socket.gethostname():
+    return False
+  pid = int(holder.get("pid", -1))
+  if pid <= 0 or pid == os.getpid() or not _pid_alive(pid):
+    return True
+  ticks = _start_ticks(pid)
+  return holder.get("start_ticks") is not None and ticks is not None and ticks != holder["start_ticks"]
+
+
+def _describe(holder: dict) -> str:
+  return (f"pid {holder.get('pid')} on host {holder.get('host')!r}, started {holder.get('start_time')}"
+          + (f" ({' '.join(holder['argv'])})" if holder.get("argv") else ""))
+
+
+def _read_lock(path: str) -> dict | None:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def acquire_lock(workdir: str) -> dict:
+  """Take the work directory's exclusive lock (an O_EXCL-created file); returns what it records.
+
+  Raises WorkdirLockedError naming the holder (pid, host, start time, command) if a live process holds
+  it. A lock whose holder is gone (same host: the pid is dead or belongs to another process now) is
+  taken over with a message. A lock file that cannot be parsed (a holder killed while writing it) is
+  taken over once it is a few seconds old.
+  """
+  path = os.path.join(workdir, LOCK_FILE)
+  me = {"pid": os.getpid(), "host": socket.gethostname(), "start_time": _now(),
+        "start_ticks": _start_ticks(os.getpid()), "argv": list(sys.argv)}
+  for _ in range(20):
+    try:
+      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+      holder = _read_lock(path)
+      if holder is None:
+        try:
+          age = time.time() - os.path.getmtime(path)
+        except OSError:
+          continue  # released meanwhile: try again
+        if age < 5.0:
+          time.sleep(0.25)  # being written right now
+          continue
+        reason = "an unreadable lock file"
+      elif _holder_is_gone(holder):
+        reason = f"a stale lock of {_describe(holder)}, which is no longer running"
+      else:
+        raise WorkdirLockedError(
+            f"the work directory {workdir} is in use by {_describe(holder)}. Wait for that run to "
+            f"end, or use another --workdir. If that process is gone (e.g. on another host), delete "
+            f"{path}.") from None
+      # Rename, not remove: of two processes taking over at once, only one's rename succeeds.
+      try:
+        os.replace(path, f"{path}.stale.{os.getpid()}")
+      except FileNotFoundError:
+        continue
+      os.remove(f"{path}.stale.{os.getpid()}")
+      _say(f"taking over {reason} ({path}).", err=True)
+      continue
+    with os.fdopen(fd, "w") as f:
+      json.dump(me, f, indent=2, sort_keys=True)
+      f.write("\n")
+    return me
+  raise WorkdirLockedError(f"could not take the lock {path} (it kept changing hands).")
+
+
+def release_lock(workdir: str, mine: dict) -> None:
+  """Remove the lock if it is still this process's."""
+  path = os.path.join(workdir, LOCK_FILE)
+  holder = _read_lock(path)
+  if holder and holder.get("pid") == mine["pid"] and holder.get("start_time") == mine["start_time"]:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(path)
+
+
+@contextlib.contextmanager
+def lock(workdir: str) -> Iterator[None]:
+  """Hold the work directory's lock for the block. Process 0 takes it for the whole run; every process
+  learns whether it succeeded, so that a refused multi-process run ends on all processes at once."""
+  os.makedirs(workdir, exist_ok=True)
+  mine, error = None, None
+  if _is_main():
+    try:
+      mine = acquire_lock(workdir)
+    except WorkdirLockedError as e:
+      error = e
+  if _any_process(error is not None):
+    raise error or WorkdirLockedError(f"process 0 could not lock the work directory {workdir}.")
+  try:
+    yield
+  finally:
+    if mine is not None:
+      release_lock(workdir, mine)
+
+
+# --------------------------------------------------------------------------------------------------
+# The config guard.
+# --------------------------------------------------------------------------------------------------
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(_flatten(v, key + "."))
+    else:
+      out[key] = v
+  return out
+
+
+def _missing(value) -> str:
+  return "<absent>" if value is _ABSENT else repr(value)
+
+
+_ABSENT = object()
+
+
+def config_diff(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
+  """{dotted key: (old value, new value)} for every key whose value differs or that one side lacks."""
+  fo, fn = _flatten(old), _flatten(new)
+  return {k: (fo.get(k, _ABSENT), fn.get(k, _ABSENT)) for k in sorted(set(fo) | set(fn))
+          if fo.get(k, _ABSENT) != fn.get(k, _ABSENT)}
+
+
+def is_harmless(key: str, new_flat: dict) -> bool:
+  """Whether a resume may change `key` (see HARMLESS_KEYS)."""
+  for k, guarded_if, _ in _CONDITIONALLY_GUARDED:
+    if key == k and guarded_if(new_flat):
+      return False
+  return any(key == h or key.startswith(h + ".") for h in HARMLESS_KEYS)
+
+
+def config_as_json(config) -> dict:
+  """The config as config.json stores it (tuples become lists), so that the two compare equal."""
+  return json.loads(config.to_json_best_effort())
+
+
+def has_checkpoints(workdir: str) -> bool:
+  d = os.path.join(workdir, CHECKPOINTS)
+  return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
+
+
+def check_config(workdir: str, config) -> dict[str, tuple[Any, Any]]:
+  """Compare `config` with the config.json of a run to be resumed; return the changes (maybe empty).
+
+  Nothing is compared when the directory holds no checkpoint (a new run) or no config.json (written
+  by a vdiff without it). Raises ConfigChangeError listing every changed guarded key with its old and
+  new value, unless config.training.allow_config_change is True. Reads only; writes nothing.
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not has_checkpoints(workdir) or not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    old = json.load(f)
+  new = config_as_json(config)
+  changes = config_diff(old, new)
+  new_flat = _flatten(new)
+  guarded = {k: v for k, v in changes.items() if not is_harmless(k, new_flat)}
+  allow = bool(config.training.get("allow_config_change", False))
+  if guarded and not allow:
+    lines = "\n".join(f"  {k}: {_missing(a)} -> {_missing(b)}" for k, (a, b) in guarded.items())
+    raise ConfigChangeError(
+        f"{workdir} holds checkpoints of a run with a different config ({path}); resuming with these "
+        f"changes would alter the state's structure or what the run computes:\n{lines}\n"
+        f"Use a fresh --workdir, or pass --config.training.allow_config_change=True to resume anyway "
+        f"(the change is recorded in {CONFIG_CHANGES_FILE}). Keys a resume may change freely: "
+        f"{', '.join(HARMLESS_KEYS)}.")
+  return changes
+
+
+def record_config(workdir: str, config, *, step: int, changes: dict) -> None:
+  """config.json for a new run; for a resume, config.json stays the original and the changes (if any)
+  are appended to config_changes.jsonl with the step they take effect at."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if step == 0 or not os.path.exists(path):
+    write_json(path, config_as_json(config))
+    return
+  if changes:
+    new_flat = _flatten(config_as_json(config))
+    append_jsonl(os.path.join(workdir, CONFIG_CHANGES_FILE), {
+        "step": int(step), "time": _now(),
+        "changes": {k: [None if a is _ABSENT else a, None if b is _ABSENT else b]
+                    for k, (a, b) in changes.items()},
+        "guarded_keys_changed": sorted(k for k in changes if not is_harmless(k, new_flat))})
+    _say(f"resuming at step {step} with changed config keys (recorded in {CONFIG_CHANGES_FILE}): "
+         + ", ".join(f"{k}: {_missing(a)} -> {_missing(b)}" for k, (a, b) in changes.items()))
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints.
+# --------------------------------------------------------------------------------------------------
+def _sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def _files(step_dir: str) -> list[str]:
+  out = []
+  for root, _, files in os.walk(step_dir):
+    for name in files:
+      rel = os.path.relpath(os.path.join(root, name), step_dir)
+      if rel != CHECKSUMS_FILE:
+        out.append(rel)
+  return sorted(out)
+
+
+def write_checksums(step_dir: str) -> None:
+  """checksums.json: the sha256 of every file below a finished checkpoint step (atomically)."""
+  sums = {rel: _sha256(os.path.join(step_dir, rel)) for rel in _files(step_dir)}
+  tmp = os.path.join(step_dir, CHECKSUMS_FILE + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump({"algorithm": "sha256", "files": sums}, f, indent=1, sort_keys=True)
+  os.replace(tmp, os.path.join(step_dir, CHECKSUMS_FILE))
+
+
+def verify_checksums(step_dir: str) -> str | None:
+  """None if every file listed in checksums.json is there with its sha256, else what differs. A step
+  without checksums.json (saved by an older vdiff, or a run killed between the save and its checksum)
+  passes with a warning: orbax's own reads and the finiteness check still guard it."""
+  path = os.path.join(step_dir, CHECKSUMS_FILE)
+  if not os.path.exists(path):
+    log.warning("checkpoint %s has no %s; it is not verified byte for byte.", step_dir, CHECKSUMS_FILE)
+    return None
+  try:
+    with open(path) as f:
+      sums = json.load(f)["files"]
+  except (OSError, ValueError, KeyError) as e:
+    return f"its {CHECKSUMS_FILE} cannot be read ({type(e).__name__})"
+  bad = []
+  for rel, digest in sums.items():
+    p = os.path.join(step_dir, rel)
+    if not os.path.exists(p):
+      bad.append(f"{rel} is missing")
+    elif _sha256(p) != digest:
+      bad.append(f"{rel} ({os.path.getsize(p)} bytes) does not match its sha256")
+  return "; ".join(bad) or None
+
+
+class CheckpointManager(ocp.CheckpointManager):
+  """orbax's CheckpointManager that writes checksums.json into each step once its save has finished.
+
+  With asynchronous saves the step is complete only when orbax's background commit ends; the checksums
+  are written at the next point that waits for it (the next save, wait_until_finished, close).
+  """
+
+  def __init__(self, directory, *, options, is_async: bool):
+    self._needs_checksums: list[int] = []
+    self._is_async = is_async
+    # The handler named up front, so that item_metadata reads a step's tree before any restore.
+    super().__init__(directory, options=options, item_handlers=ocp.StandardCheckpointHandler())
+
+  def _write_pending_checksums(self) -> None:
+    pending, self._needs_checksums = self._needs_checksums, []
+    if not _is_main():
+      return
+    for step in pending:
+      step_dir = os.path.join(str(self.directory), str(step))
+      if os.path.isdir(step_dir):  # max_to_keep may have removed it already
+        write_checksums(step_dir)
+
+  def save(self, step, *args, **kwargs) -> bool:
+    saved = super().save(step, *args, **kwargs)
+    if saved:
+      self._needs_checksums.append(int(step))
+      if not self._is_async:
+        self._write_pending_checksums()
+    return saved
+
+  def wait_until_finished(self):
+    super().wait_until_finished()
+    self._write_pending_checksums()
+
+
+def checkpoint_manager(workdir: str, *, max_to_keep: int, async_save: bool = True) -> CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                         enable_async_checkpointing=async_save)
+  return CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINTS), options=options,
+                           is_async=async_save)
+
+
+def _move_aside(ckpt_dir: str, name: str) -> str:
+  """Move checkpoints/<name> to checkpoints/corrupt/<name> (a numbered suffix if that exists)."""
+  dest_dir = os.path.join(ckpt_dir, CORRUPT)
+  os.makedirs(dest_dir, exist_ok=True)
+  dest = os.path.join(dest_dir, name)
+  i = 1
+  while os.path.exists(dest):
+    dest = os.path.join(dest_dir, f"{name}.{i}")
+    i += 1
+  os.replace(os.path.join(ckpt_dir, name), dest)
+  return dest
+
+
+def move_aside_temporary(workdir: str) -> list[str]:
+  """Move orbax temporary directories (`*.orbax-checkpoint-tmp*`, left by a killed or failed save) to
+  checkpoints/corrupt/, with a message; returns where they went. Call before the manager exists."""
+  ckpt_dir = os.path.join(workdir, CHECKPOINTS)
+  moved = []
+  if _is_main() and os.path.isdir(ckpt_dir):
+    for name in sorted(os.listdir(ckpt_dir)):
+      if _ORBAX_TMP in name:
+        dest = _move_aside(ckpt_dir, name)
+        _say(f"moved an unfinished checkpoint save aside: {os.path.join(ckpt_dir, name)} -> {dest}",
+             err=True)
+        moved.append(dest)
+  _barrier("vdiff_move_aside_temporary")
+  return moved
+
+
+def _norm_path(path) -> tuple[str, ...]:
+  out = []
+  for k in path:
+    for attr in ("name", "key", "idx"):
+      if hasattr(k, attr):
+        out.append(str(getattr(k, attr)))
+        break
+    else:
+      out.append(str(k))
+  return tuple(out)
+
+
+def _leaf_specs(tree) -> dict[tuple[str, ...], tuple[tuple[int, ...], str]]:
+  return {_norm_path(p): (tuple(leaf.shape), str(np.dtype(leaf.dtype)))
+          for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def structure_mismatch(saved_metadata, abstract_state) -> str | None:
+  """None if the checkpoint's tree (paths, shapes, dtypes) equals the state's, else the differences."""
+  want, have = _leaf_specs(abstract_state), _leaf_specs(saved_metadata)
+  lines = []
+  for p in sorted(set(want) - set(have))[:5]:
+    lines.append(f"{'.'.join(p)} {want[p][0]} {want[p][1]}: not in the checkpoint")
+  for p in sorted(set(have) - set(want))[:5]:
+    lines.append(f"{'.'.join(p)} {have[p][0]} {have[p][1]}: in the checkpoint, not in the state")
+  for p in sorted(set(want) & set(have)):
+    if want[p] != have[p] and len(lines) < 15:
+      lines.append(f"{'.'.join(p)}: checkpoint {have[p][0]} {have[p][1]}, state {want[p][0]} "
+                   f"{want[p][1]}")
+  n_missing, n_extra = len(set(want) - set(have)), len(set(have) - set(want))
+  if not lines:
+    return None
+  return (f"{n_missing} leaves missing, {n_extra} extra, "
+          f"{sum(want[p] != have[p] for p in set(want) & set(have))} of different shape or dtype; "
+          + "; ".join(lines))
+
+
+def all_finite(tree) -> bool:
+  """Whether every floating-point leaf holds only finite values (one transfer to the host)."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  if not leaves:
+    return True
+  return bool(jax.device_get(jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))))
+
+
+def _check_step(mngr, step: int, abstract_state) -> tuple[Any, str | None]:
+  """(state, None) for a good checkpoint, (None, why) for an unreadable one; raises on a mismatch."""
+  step_dir = os.path.join(str(mngr.directory), str(step))
+  problem = verify_checksums(step_dir)
+  if problem:
+    return None, f"checksum mismatch: {problem}"
+  try:
+    metadata = mngr.item_metadata(step)
+    tree = metadata.tree if hasattr(metadata, "tree") else metadata
+  except Exception as e:  # pylint: disable=broad-except
+    return None, f"its metadata cannot be read ({type(e).__name__}: {_first_line(e)})"
+  mismatch = structure_mismatch(tree, abstract_state)
+  if mismatch:
+    raise CheckpointMismatchError(
+        f"the checkpoint at step {step} ({step_dir}) does not hold this run's state: {mismatch}. "
+        f"The model or optimiser config differs from the one that wrote it; nothing was changed. "
+        f"Use the config it was trained with, or a fresh --workdir.")
+  try:
+    state = mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+  except Exception as e:  # pylint: disable=broad-except
+    return None, f"it cannot be read ({type(e).__name__}: {_first_line(e)})"
+  for name in ("params", "ema_params", "opt_state"):
+    if not all_finite(getattr(state, name)):
+      return None, f"its {name} hold non-finite values"
+  return state, None
+
+
+def _first_line(e: BaseException) -> str:
+  s = str(e)
+  return s.splitlines()[0] if s else ""
+
+
+def restore_latest(mngr, abstract_state, *, move_aside: bool = True) -> tuple[Any, int | None]:
+  """Restore the newest checkpoint that verifies (see the module docstring); (None, None) if none does.
+
+  A checkpoint that fails its checksums, cannot be read or holds non-finite values is reported and
+  moved to checkpoints/corrupt/<step> (`move_aside`; otherwise only skipped, for readers that do not
+  own the directory), and the previous step is tried: a bad save loses one interval, never the run,
+  and the step it held is saved again when training gets there. Raises CheckpointMismatchError
+  (moving nothing) when a checkpoint's structure differs from the state's. Every process checks; a
+  checkpoint bad for any process is bad for all.
+  """
+  ckpt_dir = str(mngr.directory)
+  for step in sorted(mngr.all_steps(), reverse=True):
+    state, problem = _check_step(mngr, step, abstract_state)
+    if not _any_process(problem is not None):
+      return state, step
+    problem = problem or "another process could not restore it"
+    if not move_aside:
+      _say(f"checkpoint at step {step} is unusable ({problem}); skipped, trying an older one",
+           err=True)
+      continue
+    _barrier(f"vdiff_restore_checked_{step}")
+    dest = os.path.join(ckpt_dir, CORRUPT, str(step))
+    if _is_main():
+      dest = _move_aside(ckpt_dir, str(step))
+    _say(f"checkpoint at step {step} is unusable ({problem}); moved to {dest}, trying an older one",
+         err=True)
+    _barrier(f"vdiff_restore_moved_{step}")
+    mngr.reload()
+  return None, None
+
+
+def prune(mngr, max_to_keep: int) -> None:
+  """Delete the oldest steps beyond max_to_keep: a run killed after a save was finalised but before
+  orbax removed the old steps leaves one too many, and a finished run's rerun saves nothing that would
+  trigger orbax's own clean-up."""
+  steps = sorted(mngr.all_steps())
+  if max_to_keep and len(steps) > max_to_keep:
+    for step in steps[:len(steps) - max_to_keep]:
+      mngr.delete(step)
+
+
+def save_checkpoint(mngr, state, step: int) -> bool:
+  """Save `state` as `step`; False (and nothing written) if the state holds a non-finite value or was
+  frozen by nan_policy='stop' (a bad state never replaces a good one, and a frozen one is not saved
+  under a later step's name). Raises CheckpointSaveError if orbax declines the save (e.g. the step or
+  a later one exists already)."""
+  if not all_finite((state.params, state.ema_params)):
+    log.error("not saving step %d: the state holds non-finite values.", step)
+    return False
+  if bool(jax.device_get(state.halted)):
+    log.error("not saving step %d: training stopped at a non-finite step (nan_policy='stop').", step)
+    return False
+  if not mngr.save(step, args=ocp.args.StandardSave(state)):
+    raise CheckpointSaveError(
+        f"orbax did not save the checkpoint of step {step} in {mngr.directory} (existing steps: "
+        f"{list(mngr.all_steps())}); orbax saves only steps after its newest one.")
+  return True
