@@ -155,8 +155,9 @@ class _Logits(nn.Module):
 
 
 def _cdm_family(num_steps=10, num_labels=0, shape=(2, 1, 1), num_levels=K):
+  # DDPM's linear betas with T = num_steps betas: abar_1 = 1 - beta_1 = 1 - 1e-4 (sigma_1 = 0.01).
   m = models.CDMFamily(data_shape=shape, num_levels=num_levels, num_labels=num_labels,
-                       num_steps=num_steps)
+                       num_steps=num_steps, beta_steps=num_steps)
   m.net = _Logits(num_classes_out=num_steps + 2, num_labels=num_labels)
   return m
 
