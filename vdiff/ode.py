@@ -86,8 +86,15 @@ def probability_flow(eps_fn, schedule, z, *, t0: float, t1: float, rtol: float =
   example, not over the batch).
 
   Args:
-    eps_fn, schedule: the model. z: [B, ...] states at t0.
-    t0, t1: start and end times. rtol, atol, solver, max_steps: solver settings.
+    eps_fn: the model's denoiser.
+    schedule: the model's noise schedule.
+    z: [B, ...] states at t0.
+    t0: start time.
+    t1: end time.
+    rtol: relative tolerance of the step-size controller.
+    atol: absolute tolerance of the step-size controller.
+    solver: "dopri5" or "tsit5".
+    max_steps: solver steps per example at most.
     save_ts: optional increasing/decreasing times (numpy, from t0 towards t1) at which to save.
   Returns:
     (z at t1 [B, ...], or at save_ts [P, B, ...]; nfe int32 [B], denoiser evaluations per example).
@@ -121,12 +128,17 @@ def ode_log_likelihood(rng, eps_fn, schedule, x, *, divergence: str = "hutchinso
   divergence="exact": the trace of the Jacobian by jax.linearize + D jvps (use for small D only).
 
   Args:
-    rng: PRNG key (the probe). eps_fn, schedule: the model.
+    rng: PRNG key (the probe).
+    eps_fn: the model's denoiser.
+    schedule: the model's noise schedule.
     x: [B, ...] points (float32; for K-level data dequantise first, see `ode_nll_bpd`).
     divergence: "hutchinson" or "exact".
-    rtol, atol: PID controller tolerances (1e-5 as in score SDE).
-    t0, t1: integration interval (t0 < t1); p is the density at t0.
-    solver: "dopri5" (Dormand-Prince) or "tsit5". max_steps: per example.
+    rtol: relative tolerance of the PID controller (1e-5 as in score SDE).
+    atol: absolute tolerance of the PID controller (1e-5 as in score SDE).
+    t0: start of the integration interval; p is the density at t0.
+    t1: end of the integration interval (t0 < t1), where the prior N(0, I) sits.
+    solver: "dopri5" (Dormand-Prince) or "tsit5".
+    max_steps: solver steps per example at most.
   Returns:
     (log p [B] in nats, nfe int32 [B]: vector-field evaluations per example, each one denoiser
     evaluation plus one vjp (Hutchinson) or D jvps (exact)).
@@ -178,7 +190,10 @@ def ode_nll_bpd(rng, eps_fn, schedule, k, *, num_levels: int, **kwargs):
 
   Args:
     rng: PRNG key (split into the dequantisation noise and the Hutchinson probe).
-    eps_fn, schedule: the model. k: [B, ...] integer levels in {0..K-1}. num_levels: K.
+    eps_fn: the model's denoiser.
+    schedule: the model's noise schedule.
+    k: [B, ...] integer levels in {0..K-1}.
+    num_levels: K.
     **kwargs: passed to `ode_log_likelihood` (divergence, rtol, atol, t0, t1, solver, max_steps).
   Returns:
     (bpd [B], nfe int32 [B]).
