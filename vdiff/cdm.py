@@ -102,8 +102,12 @@ def class_grid(kind: str, num_steps: int, *, beta_start: float = 1e-4, beta_end:
   The ddpm and uniform grids are computed in float64 and rounded once to float32.
 
   Args:
-    kind: one of GRIDS. num_steps: T (>= 2: the samplers' schedule needs two levels).
-    beta_start, beta_end, num_betas: the ddpm grid's betas. schedule: the schedule grid's schedule.
+    kind: one of GRIDS.
+    num_steps: T (>= 2: the samplers' schedule needs two levels).
+    beta_start: the ddpm grid's first beta.
+    beta_end: the ddpm grid's last beta.
+    num_betas: the number of the ddpm grid's betas.
+    schedule: the schedule grid's schedule.
   Returns:
     (abar float32 [T + 2], the schedule whose `discrete_alpha2(T)` is abar[:T + 1]).
   """

@@ -87,7 +87,9 @@ def make_eps_fn(apply_fn: Callable[[Array, Array], Array], schedule: schedules_l
     apply_fn: (z [B, ...], g_norm [B]) -> [B, ...], the network.
     schedule: the noise schedule gamma(t).
     parameterization: "eps" or "v".
-    gamma_min, gamma_max: the normalisation range; both None (the default) or both given.
+    gamma_min: the normalisation range's lower end; None (the default, with gamma_max None) takes the
+      schedule's own range.
+    gamma_max: the normalisation range's upper end; None together with gamma_min, or both given.
   Returns:
     eps_fn(z [B, ...], t [B] or scalar) -> eps_hat [B, ...].
   """
