@@ -172,3 +172,22 @@ def test_validation():
     ode.ode_log_likelihood(rng, eps_fn, LINEAR, x, t0=1.0, t1=0.0)
   with pytest.raises(ValueError, match="rank"):
     ode.ode_log_likelihood(rng, eps_fn, LINEAR, jnp.zeros((2,)))
+
+
+def test_bad_times_and_nan_input_are_named_errors_and_nan_propagates_under_jit():
+  # t0 = -0.5 lies outside the schedule's [0, 1]; a NaN input used to surface as diffrax's step-size
+  # failure (a 43-line traceback). Both are now one ValueError naming the argument. Under jit the values
+  # are unknown: NaN propagates to log p (never a finite, valid-looking number).
+  eps_fn = gaussian_denoiser(LINEAR, np.zeros(2), np.eye(2))
+  rng = jax.random.PRNGKey(0)
+  x = jnp.zeros((2, 2))
+  for t0, t1 in ((-0.5, 1.0), (0.0, 1.5)):
+    with pytest.raises(ValueError, match=r"need 0 <= t0 < t1 <= 1"):
+      ode.ode_log_likelihood(rng, eps_fn, LINEAR, x, t0=t0, t1=t1)
+  bad = x.at[1, 0].set(jnp.nan)
+  with pytest.raises(ValueError, match="x holds NaN"):
+    ode.ode_log_likelihood(rng, eps_fn, LINEAR, bad)
+  with pytest.raises(ValueError, match="at least one example"):
+    ode.ode_log_likelihood(rng, eps_fn, LINEAR, jnp.zeros((0, 2)))
+  logp, _ = jax.jit(lambda y: ode.ode_log_likelihood(rng, eps_fn, LINEAR, y, max_steps=64))(bad)
+  assert np.isnan(np.asarray(logp)[1]), logp

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vdiff import checks
 from vdiff import likelihood
 from vdiff import schedules as schedules_lib
 
@@ -66,14 +67,19 @@ def _check_solver(solver, rtol, atol, max_steps):
 def _solve(vector_field, y0, *, t0, t1, rtol, atol, solver, max_steps, save_ts=None):
   """One adaptive diffrax solve of dy/dt = vector_field(t, y) from t0 to t1 (either direction).
 
-  Returns (y at t1, or at save_ts stacked on a leading axis; nfe as int32).
+  Returns (y at t1, or at save_ts stacked on a leading axis; nfe as int32). A solve that fails (a
+  non-finite state, or max_steps reached) returns NaN for y instead of raising from inside the compiled
+  program: under vmap only the failing example is NaN, and a NaN never passes for a valid value.
   """
   saveat = diffrax.SaveAt(t1=True) if save_ts is None else diffrax.SaveAt(ts=jnp.asarray(save_ts))
   sol = diffrax.diffeqsolve(
       diffrax.ODETerm(lambda t, y, args: vector_field(t, y)), ODE_SOLVERS[solver](),
       t0=float(t0), t1=float(t1), dt0=None, y0=y0, saveat=saveat,
-      stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol), max_steps=max_steps)
-  ys = sol.ys if save_ts is not None else jax.tree_util.tree_map(lambda a: a[0], sol.ys)
+      stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol), max_steps=max_steps,
+      throw=False)
+  ok = sol.result == diffrax.RESULTS.successful
+  ys = jax.tree_util.tree_map(lambda a: jnp.where(ok, a, jnp.nan), sol.ys)
+  ys = ys if save_ts is not None else jax.tree_util.tree_map(lambda a: a[0], ys)
   nfe = _NEW_EVALS_PER_STEP * sol.stats["num_steps"] + 1
   return ys, jnp.asarray(nfe, jnp.int32)
 
@@ -149,11 +155,12 @@ def ode_log_likelihood(rng, eps_fn, schedule, x, *, divergence: str = "hutchinso
   _check_solver(solver, rtol, atol, max_steps)
   if divergence not in DIVERGENCES:
     raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}.")
-  if not t0 < t1:
-    raise ValueError(f"t0 must be < t1 (integrate data -> noise), got t0={t0}, t1={t1}.")
-  x = jnp.asarray(x, jnp.float32)
-  if x.ndim < 2:
-    raise ValueError(f"x must have shape [B, ...] with rank >= 2, got {x.shape}.")
+  if not 0.0 <= t0 < t1 <= 1.0:
+    raise ValueError(f"need 0 <= t0 < t1 <= 1 (integrate data -> noise within the schedule), got "
+                     f"t0={t0}, t1={t1}.")
+  # Rank, a non-empty batch, and (eagerly) finite values: a NaN input would otherwise surface as the
+  # adaptive solver's step-size failure deep inside diffrax. Under jit NaN propagates to log p.
+  x = checks.batch(jnp.asarray(x, jnp.float32), "x")
   drift = probability_flow_drift(eps_fn, schedule)
   event_shape = x.shape[1:]
   num_dims = int(np.prod(event_shape))
