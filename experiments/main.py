@@ -73,11 +73,10 @@ def _leaf_items(config, prefix: str = ""):
       yield name, value
 
 
-def _summary(doc: str | None, width: int = 100) -> str:
-  """A docstring's first sentence (of its first paragraph), at most `width` characters."""
+def _summary(doc: str | None, width: int = 110) -> str:
+  """A docstring's first paragraph on one line, cut to `width` characters."""
   paragraph = " ".join((doc or "").strip().split("\n\n")[0].split())
-  sentence = re.split(r"(?<=\.)\s", paragraph, maxsplit=1)[0]
-  return sentence if len(sentence) <= width else sentence[:width - 3].rstrip() + "..."
+  return paragraph if len(paragraph) <= width else paragraph[:width - 3].rstrip() + "..."
 
 
 def list_configs(configs_dir: str = CONFIGS_DIR) -> str:
