@@ -796,7 +796,9 @@ def _train_and_evaluate(config, workdir, changes) -> dict:
   last_eval = None
   step = start
   lr_fn = lr_schedule_from_config(config)
-  if step < t.num_steps:
+  # (A train step without .lower, e.g. jit_train_step wrapped by an instrumented caller, compiles at its
+  # first call instead.)
+  if step < t.num_steps and hasattr(train_step, "lower"):
     # Compile ahead of time, before the progress bar exists, so that its rate and ETA measure training
     # only. Every process compiles first, then all start the first step together: its all-reduce waits
     # only 30 s for the other processes, and one may compile more slowly (parallel.barrier).
