@@ -7,6 +7,7 @@ what only a process shows (the exit status and stderr of the command line)."""
 import io
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -201,3 +202,51 @@ def test_cli_refused_estimator_is_one_line_and_exit_2(tmp_path):
   assert len(lines) == 1 and lines[0].startswith("[vdiff] invalid config: "), lines
   assert "eval.estimator='cdm' does not apply to model family 'vdm'" in lines[0]
   assert not os.path.exists(os.path.join(workdir, "checkpoints"))
+
+
+def test_make_tfds_writes_a_dataset_tfds_reads_without_tensorflow(tmp_path, capsys):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from experiments import make_tfds  # pylint: disable=g-import-not-at-top
+  from vdiff import data as data_lib  # pylint: disable=g-import-not-at-top
+  assert importlib.util.find_spec("tensorflow") is None  # written and read with TensorFlow absent
+  rng = np.random.default_rng(0)
+  train_x = rng.integers(0, 256, (7, 4, 4, 3), dtype=np.uint8)
+  test_x = rng.integers(0, 256, (3, 4, 4, 3), dtype=np.uint8)
+  train_y, test_y = np.arange(7) % 3, np.array([2, 0, 1])
+  npz = data_lib.make_npz(str(tmp_path / "mine.npz"), train_x, test_x, train_labels=train_y,
+                          test_labels=test_y, num_labels=4)
+  data_dir = str(tmp_path / "tfds")
+  assert make_tfds.main([f"--npz={npz}", "--name=vdiff_cli_test", f"--data_dir={data_dir}"]) == 0
+  assert f"--config.data.data_dir={data_dir}" in capsys.readouterr().out
+  # tfds itself reads it back, records in the order written, features as given.
+  source = tfds.data_source("vdiff_cli_test", split="test", data_dir=data_dir)
+  assert len(source) == 3
+  for i in range(3):
+    np.testing.assert_array_equal(source[i]["image"], test_x[i])
+    assert source[i]["label"] == test_y[i]
+  assert source.dataset_info.features["label"].num_classes == 4
+  # vdiff's TFDS loader (data.name = the dataset name, data.data_dir = the directory).
+  ds = data_lib.load("vdiff_cli_test", split="train", data_dir=data_dir)
+  np.testing.assert_array_equal(ds.images, train_x)
+  np.testing.assert_array_equal(ds.labels, train_y)
+  assert ds.num_levels == 256 and ds.num_labels == 4
+  # A file vdiff cannot store as TFDS: one line, exit 2.
+  bad = data_lib.make_npz(str(tmp_path / "k17.npz"), train_x % 17, test_x % 17, num_levels=17)
+  assert make_tfds.main([f"--npz={bad}", "--name=other", f"--data_dir={data_dir}"]) == 2
+  assert "num_levels=17" in capsys.readouterr().err
+
+
+def test_a_missing_tfds_data_dir_or_split_is_one_clear_error(tmp_path):
+  from vdiff import data as data_lib  # pylint: disable=g-import-not-at-top
+  data_dir = str(tmp_path / "tfds")
+  images = np.zeros((2, 4, 4, 1), np.uint8)
+  data_lib.write_tfds("vdiff_split_test", {"train": images, "test": images}, data_dir=data_dir)
+  empty = str(tmp_path / "empty")
+  with pytest.raises(ValueError, match=r"TFDS dataset 'vdiff_split_test' is not prepared in "
+                                       rf"data.data_dir='{re.escape(empty)}'.*experiments.make_tfds"):
+    data_lib.load("vdiff_split_test", split="train", data_dir=empty)
+  with pytest.raises(ValueError, match=r"has no split 'validation' .*it has \['train', 'test'\]"):
+    data_lib.load("vdiff_split_test", split="validation", data_dir=data_dir)
+  # A part of a split that exists still loads.
+  assert data_lib.load("vdiff_split_test", split="train[:1]", data_dir=data_dir).images.shape == (1, 4, 4, 1)
