@@ -2,10 +2,16 @@
 
   python -m experiments.main --config=experiments/configs/NAME.py[:words] --workdir=DIR \
       [--mode=train|eval|sample] [--config.key=value ...]
+  python -m experiments.main --list      # the configs, their argument words, main keys and defaults
+
+--mode=train writes the work directory (vdiff/train.py), its eval.json and samples_<step>.png/.npz;
+--mode=eval writes eval_<estimator>.json (the training's eval.json is kept); --mode=sample writes
+samples_<step>_<sampler>_n<steps>_eta<eta>_w<guidance_weight>.png/.npz and prints the path.
 
 Exit status: 0 done (or stopped by SIGTERM after saving a checkpoint), 130 stopped by SIGINT (Ctrl-C;
 a checkpoint was saved unless Ctrl-C came twice), 3 training.nan_policy='stop' stopped a non-finite run,
-2 a resume whose config changes a guarded key (vdiff.workdir.HARMLESS_KEYS), 75 the work directory is
+2 an unknown flag or config key, a setting refused by validation (one line, `[vdiff] invalid config:`)
+or a resume whose config changes a guarded key (vdiff.workdir.HARMLESS_KEYS), 75 the work directory is
 locked by another live run, 1 any other error.
 
 Multi-host runs: pass --coordinator_address/--num_processes/--process_id (or the VDIFF_* environment
@@ -13,10 +19,12 @@ variables, see vdiff.parallel.initialize_distributed) to every process.
 """
 
 import difflib
+import importlib
 import json
 import os
 import re
 import sys
+import textwrap
 
 from absl import app
 from absl import logging as absl_logging
@@ -40,6 +48,64 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 EXIT_USAGE = 2  # exit status of a command line that cannot be parsed (an unknown flag or config key)
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+# The keys --list shows for each config (every key and its base default follow them).
+MAIN_KEYS = ("data.name", "model.family", "model.parameterization", "model.schedule.kind",
+             "model.schedule.gamma_min", "model.schedule.gamma_max", "optim.learning_rate",
+             "training.batch_size", "training.num_steps", "eval.estimator", "sample.sampler",
+             "sample.num_steps")
+
+
+def _lookup(config, key: str):
+  node = config
+  for part in key.split("."):
+    node = node[part]
+  return node
+
+
+def _leaf_items(config, prefix: str = ""):
+  """(dotted key, value) of every leaf of a ConfigDict, in definition order."""
+  for key, value in config.items():
+    name = f"{prefix}.{key}" if prefix else key
+    if hasattr(value, "items"):
+      yield from _leaf_items(value, name)
+    else:
+      yield name, value
+
+
+def _summary(doc: str | None, width: int = 110) -> str:
+  """A docstring's first paragraph on one line, cut to `width` characters."""
+  paragraph = " ".join((doc or "").strip().split("\n\n")[0].split())
+  return paragraph if len(paragraph) <= width else paragraph[:width - 3].rstrip() + "..."
+
+
+def list_configs(configs_dir: str = CONFIGS_DIR) -> str:
+  """The text of --list: each config file with its docstring's first line, its argument words and its
+  main keys (`MAIN_KEYS`) with their values, then every key with its default from base.py. Configs are
+  only built (get_config()), nothing is trained."""
+  base = importlib.import_module("experiments.configs.base")
+  lines = ["Configs (--config=experiments/configs/NAME.py[:word,word,...]):", ""]
+  for fname in sorted(os.listdir(configs_dir)):
+    if not fname.endswith(".py") or fname in ("__init__.py", "base.py"):
+      continue
+    name = fname[:-3]
+    module = importlib.import_module(f"experiments.configs.{name}")
+    lines.append(f"  {name}.py: {_summary(module.__doc__)}")
+    # Configs with variants (one of FAMILIES / VARIANTS) take one variant word besides the base words.
+    variants = getattr(module, "VARIANTS", None) or getattr(module, "FAMILIES", None)
+    if variants:
+      lines.append(f"    words: one of {', '.join(variants)}; and any of {', '.join(base.WORDS)}")
+    else:
+      lines.append(f"    words: any of {', '.join(base.WORDS)}")
+    config = module.get_config()
+    lines.append(textwrap.fill(", ".join(f"{k}={_lookup(config, k)!r}" for k in MAIN_KEYS), width=110,
+                               initial_indent="    ", subsequent_indent="    ", break_long_words=False))
+  lines += ["", "Argument words (experiments/configs/base.py): " + ", ".join(base.WORDS),
+            "  " + " ".join((base.__doc__ or "").split("Argument words:", 1)[-1].split()), "",
+            "Every key with its default (base.py; a config file changes some; override any with "
+            "--config.KEY=VALUE):"]
+  lines += [f"  {k} = {v!r}" for k, v in _leaf_items(base.get_base_config())]
+  return "\n".join(lines)
 
 
 def _config_keys(config, prefix: str = "") -> list[str]:
@@ -84,6 +150,15 @@ def parse_flags(argv):
   ml_collections reports an unknown `--config.<key>` as a Python traceback from inside the parser;
   here it is one line naming the key and the nearest known key, as for any other flag error.
   """
+  if "--list" in argv[1:]:
+    print(list_configs(), flush=True)
+    sys.exit(0)
+  if any(a in ("--help", "-h", "--helpshort", "-?") for a in argv[1:]):
+    # absl prints this module's docstring and the flags, then exits; the configs follow.
+    try:
+      FLAGS(argv)
+    finally:
+      print("\n" + list_configs(), flush=True)
   try:
     return FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
@@ -109,6 +184,11 @@ def main(argv):
     else:
       samples = train.sample_checkpoint(config, FLAGS.workdir)
       result = {"num_samples": int(samples.shape[0]), "workdir": FLAGS.workdir}
+  except train.ConfigError as e:
+    message = str(e)
+    message = message[len("invalid config: "):] if message.startswith("invalid config: ") else message
+    print(f"[vdiff] invalid config: {' '.join(message.split())}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_USAGE)
   except train.NonFiniteError as e:
     print(f"[vdiff] training stopped: {e}", file=sys.stderr, flush=True)
     sys.exit(EXIT_NONFINITE)

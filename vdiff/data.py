@@ -21,12 +21,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import glob
 import hashlib
 import importlib.metadata
 import importlib.util
 import inspect
+import json
 import math
 import os
+import re
+import types
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -478,7 +482,11 @@ def _load_tfds(name: str, *, split: str, seed: int, data_dir: str | None = None,
   """
   del seed  # TFDS splits are fixed by TFDS.
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  source = tfds.data_source(name, split=split, data_dir=data_dir, download=download)
+  try:
+    source = tfds.data_source(name, split=split, data_dir=data_dir, download=download)
+  except Exception as e:  # pylint: disable=broad-except
+    _raise_if_tfds_not_prepared(name, split=split, data_dir=data_dir, download=download, error=e)
+    raise
   features = source.dataset_info.features
   has_label = "label" in features
   num_labels = int(features["label"].num_classes) if has_label else 0
@@ -502,6 +510,119 @@ def _load_tfds(name: str, *, split: str, seed: int, data_dir: str | None = None,
     if has_label:
       labels[i] = record["label"]
   return Dataset(images=images, labels=labels, num_levels=256, name=name, num_labels=num_labels)
+
+
+def _raise_if_tfds_not_prepared(name: str, *, split: str, data_dir: str | None, download: bool,
+                                error: Exception) -> None:
+  """After tfds.data_source failed: a ValueError naming data.data_dir or eval.split when the dataset is
+  not prepared there (tfds lists every dataset it knows, or reports a format) or lacks the split."""
+  if download:
+    return
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  root = data_dir or os.environ.get("TFDS_DATA_DIR") or tfds.core.constants.DATA_DIR
+  base, _, version = name.partition(":")
+  infos = sorted(glob.glob(os.path.join(root, base, version or "*", "dataset_info.json")))
+  how = (f"prepare it offline from arrays with `python -m experiments.make_tfds --npz=FILE --name={base} "
+         f"--data_dir={root}` (vdiff.data.write_tfds), or download it with tfds.data_source(..., "
+         "download=True)")
+  if not infos:
+    raise ValueError(f"TFDS dataset {name!r} is not prepared in data.data_dir={root!r} (no "
+                     f"{os.path.join(root, base, '<version>', 'dataset_info.json')}); {how}.") from error
+  with open(infos[-1]) as f:
+    info = json.load(f)
+  file_format = info.get("fileFormat", "tfrecord")
+  if file_format not in ("array_record", "parquet"):
+    raise ValueError(f"TFDS dataset {name!r} in data.data_dir={root!r} is stored as {file_format}, which "
+                     f"tfds.data_source cannot read without TensorFlow; {how}.") from error
+  splits = [sp["name"] for sp in info.get("splits", [])]
+  # A split string may select a part ("train[:10%]") or join splits ("train+test").
+  wanted = [re.sub(r"\[.*\]$", "", part.strip()) for part in split.split("+")]
+  missing = [w for w in wanted if w not in splits]
+  if missing:
+    raise ValueError(f"TFDS dataset {name!r} in data.data_dir={root!r} has no split {missing[0]!r} "
+                     f"(split={split!r}; eval.split names the evaluation split); it has {splits}.") from error
+
+
+def write_tfds(name: str, images: dict[str, Any], *, data_dir: str, labels: dict[str, Any] | None = None,
+               num_labels: int | None = None, version: str = "1.0.0") -> str:
+  """Writes arrays as a TFDS dataset in array_record format, without TensorFlow.
+
+  The result is read by `tfds.data_source(name, split=..., data_dir=data_dir)` and so by vdiff's
+  `--config.data.name=NAME --config.data.data_dir=DATA_DIR`. Features: "image", a uint8 tensor
+  [H, W, C] stored raw (tfds's Image feature would need TensorFlow to encode PNG), and "label", a
+  ClassLabel, when labels are given. Records keep the order of the arrays.
+
+  Args:
+    name: the dataset name, snake_case (lower-case letters, digits, "_", starting with a letter).
+    images: split name -> uint8 images [N, H, W] or [N, H, W, C] (256 levels, as vdiff reads every TFDS
+      dataset), one example shape across splits.
+    data_dir: the TFDS data directory; the dataset goes to data_dir/name/version/.
+    labels: split name -> integer labels [N] in [0, num_labels), for every split or none.
+    num_labels: the number of classes (default: 1 + the largest label).
+    version: the dataset version "X.Y.Z".
+  Returns:
+    the directory written, data_dir/name/version.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+    raise ValueError(f"name must be snake_case (e.g. 'my_data'), got {name!r}.")
+  if not images:
+    raise ValueError("images must map at least one split name to an array.")
+  arrays = {}
+  for split, x in images.items():
+    x = np.asarray(x)
+    x = x[..., None] if x.ndim == 3 else x
+    if x.dtype != np.uint8:
+      raise ValueError(f"images[{split!r}] must be uint8 (vdiff reads TFDS images as 256 levels), got "
+                       f"{x.dtype}; for other numbers of levels use data.name='npz' (make_npz).")
+    validate_images(x, 256)
+    arrays[split] = x
+  shapes = {split: x.shape[1:] for split, x in arrays.items()}
+  if len(set(shapes.values())) != 1:
+    raise ValueError(f"images must have one example shape [H, W, C] across splits, got {shapes}.")
+  if labels is not None:
+    if set(labels) != set(arrays):
+      raise ValueError(f"labels must have the splits of images, {sorted(arrays)}, got {sorted(labels)}.")
+    labels = {split: np.asarray(y) for split, y in labels.items()}
+    for split, y in labels.items():
+      if y.shape != (len(arrays[split]),) or not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"labels[{split!r}] must be integers of shape [{len(arrays[split])}], got "
+                         f"{y.dtype} {y.shape}.")
+    if num_labels is None:
+      num_labels = 1 + max(int(y.max()) for y in labels.values() if y.size)
+    for split, y in labels.items():
+      if y.size and (y.min() < 0 or y.max() >= num_labels):
+        raise ValueError(f"labels[{split!r}] must lie in [0, num_labels={num_labels}), got "
+                         f"[{y.min()}, {y.max()}].")
+  shape = next(iter(shapes.values()))
+  feature_dict = {"image": tfds.features.Tensor(shape=shape, dtype=np.uint8)}
+  if labels is not None:
+    feature_dict["label"] = tfds.features.ClassLabel(num_classes=int(num_labels))
+
+  def generate(split):
+    for i in range(len(arrays[split])):
+      record = {"image": arrays[split][i]}
+      if labels is not None:
+        record["label"] = int(labels[split][i])
+      yield i, record
+
+  def body(ns):
+    ns["VERSION"] = tfds.core.Version(version)
+    # disable_shuffling: records in the order given (tfds otherwise orders them by a hash of their keys).
+    ns["_info"] = lambda self: tfds.core.DatasetInfo(
+        builder=self, features=tfds.features.FeaturesDict(feature_dict), disable_shuffling=True,
+        description="Arrays written by vdiff.data.write_tfds.")
+    ns["_split_generators"] = lambda self, dl_manager: {split: generate(split) for split in arrays}
+    ns["_generate_examples"] = lambda self: generate(next(iter(arrays)))
+
+  # A class made per call, kept out of tfds's registry (two calls may write the same name).
+  class_name = "".join(part.capitalize() for part in name.split("_"))
+  builder_cls = types.new_class(class_name, (tfds.core.GeneratorBasedBuilder,),
+                                {"skip_registration": True}, body)
+  builder_cls.name = name
+  builder = builder_cls(data_dir=data_dir, file_format="array_record")
+  builder.download_and_prepare()
+  return builder.data_dir
 
 
 _NPZ_RESERVED = ("num_levels", "num_labels")

@@ -3,10 +3,13 @@
 The work directory receives (its contract, with the lock, the config guard on resume and the verified
 checkpoints, is vdiff/workdir.py):
   config.json      the config the run started with (a resume records changes in config_changes.jsonl)
-  metrics.jsonl    one JSON object per logged step (step, loss, bpd, the loss terms, lr, throughput)
+  metrics.jsonl    one JSON object per logged step (step, loss, bpd, the loss terms, lr,
+                   throughput, wall_seconds since the run or resume started, time as a unix timestamp)
   checkpoints/     orbax CheckpointManager steps (asynchronous saves, max_to_keep, checksums, resumable)
   eval.json        the last evaluation: step, split, bpd, bpd_stderr, estimator, num_examples, nfe, ...
-  samples_<step>.png / samples_<step>.npz   sample grids and the integer samples
+  samples_<step>.png / samples_<step>.npz   sample grids and the integer samples (also in TensorBoard)
+  samples_<step>_<sampler>_n<steps>_eta<eta>_w<w>.png / .npz   --mode=sample's, named by its settings
+  eval_<estimator>.json   --mode=eval's evaluation with that estimator (eval.json stays training's)
 
 SIGTERM and SIGINT stop the loop with a checkpoint at the step it reached; at most MAX_STEPS_IN_FLIGHT
 dispatched steps run ahead of the device, so that happens within a few step times, and the processes of
@@ -56,6 +59,24 @@ NAN_POLICIES = ("skip", "stop")
 
 class NonFiniteError(RuntimeError):
   """Training met a non-finite loss or gradient under the 'stop' policy."""
+
+
+class ConfigError(ValueError):
+  """A setting refused by validation (of the config, its data or its model) before any step; the message
+  names the key. A ValueError, so callers that catch ValueError still catch it."""
+
+
+def _config_errors(fn):
+  """Re-raise the ValueError of a validation or construction step as ConfigError (same message)."""
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    try:
+      return fn(*args, **kwargs)
+    except ConfigError:
+      raise
+    except ValueError as e:
+      raise ConfigError(str(e)) from e
+  return wrapped
 
 
 class TrainState(train_state.TrainState):
@@ -111,6 +132,22 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
+def make_lr_schedule(*, learning_rate: float, warmup_steps: int, lr_schedule: str = "constant",
+                     decay_steps: int = 0) -> optax.Schedule:
+  """The learning rate as a function of the optimiser's update count (the schedule make_optimizer uses).
+
+  constant: linear warm-up from 0 to learning_rate over warmup_steps updates, then learning_rate.
+  cosine: the same warm-up, then cosine decay to 0 at update decay_steps (optax.warmup_cosine_decay_schedule).
+  """
+  if lr_schedule == "constant":
+    return optax.join_schedules([optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1)),
+                                 optax.constant_schedule(learning_rate)], [max(warmup_steps, 1)])
+  if lr_schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(warmup_steps, 1),
+                                              max(decay_steps, warmup_steps + 1))
+  raise ValueError(f"optim.lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}.")
+
+
 def make_optimizer(*, learning_rate: float, warmup_steps: int, b1: float = 0.9, b2: float = 0.99,
                    eps: float = 1e-8, weight_decay: float = 0.01, grad_clip: float = 0.0,
                    lr_schedule: str = "constant", decay_steps: int = 0) -> optax.GradientTransformation:
@@ -118,20 +155,22 @@ def make_optimizer(*, learning_rate: float, warmup_steps: int, b1: float = 0.9, 
 
   Decoupled weight decay (Loshchilov & Hutter, arXiv:1711.05101) reaches only the parameters chosen by
   `weight_decay_mask`: dense / convolution kernels, never biases, norm scales, embeddings or schedule
-  parameters. grad_clip > 0 clips the gradient's global norm first (`clip_by_global_norm`).
+  parameters. grad_clip > 0 clips the gradient's global norm first (`clip_by_global_norm`). The learning
+  rate follows `make_lr_schedule` with the same arguments.
   """
-  if lr_schedule == "constant":
-    lr = optax.join_schedules([optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1)),
-                               optax.constant_schedule(learning_rate)], [max(warmup_steps, 1)])
-  elif lr_schedule == "cosine":
-    lr = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(warmup_steps, 1),
-                                            max(decay_steps, warmup_steps + 1))
-  else:
-    raise ValueError(f"optim.lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}.")
+  lr = make_lr_schedule(learning_rate=learning_rate, warmup_steps=warmup_steps, lr_schedule=lr_schedule,
+                        decay_steps=decay_steps)
   tx = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=weight_decay_mask)
   if grad_clip > 0:
     tx = optax.chain(clip_by_global_norm(grad_clip), tx)
   return tx
+
+
+def lr_schedule_from_config(config) -> optax.Schedule:
+  """The learning-rate schedule of `optimizer_from_config(config)` (update count -> learning rate)."""
+  o = config.optim
+  return make_lr_schedule(learning_rate=o.learning_rate, warmup_steps=o.warmup_steps,
+                          lr_schedule=o.lr_schedule, decay_steps=config.training.num_steps)
 
 
 def optimizer_from_config(config) -> optax.GradientTransformation:
@@ -311,6 +350,7 @@ def _to_python(tree):
   return jax.tree.map(lambda a: float(np.asarray(a)), tree)
 
 
+@_config_errors
 def load_data(config, split: str):
   """The split named by config.data (read once per process: `setup` validates the evaluation split
   and the trainer then evaluates on it, so both get the same loaded arrays)."""
@@ -328,6 +368,7 @@ def _load_data_cached(name, split, data_dir, path, stamp, seed, extra):  # pylin
   return data_lib.load(name, split=split, data_dir=data_dir, path=path, seed=seed, **dict(extra))
 
 
+@_config_errors
 def build_model(config, ds):
   return models.from_config(config.model, data_shape=ds.shape, num_levels=ds.num_levels,
                             num_labels=ds.num_labels)
@@ -420,9 +461,27 @@ def make_sample_fn(model, sample_cfg):
                                    clip_x0=s.get("clip_x0")))
 
 
-def _sample_and_save(model, params, config, workdir, step, rng, *, sample_fn=None):
-  """Draw config.sample.num_samples samples and write samples_<step>.png/.npz; `sample_fn` (from
-  make_sample_fn) is reused across calls so that periodic sampling compiles once."""
+def sample_file_base(workdir: str, step: int, sample_cfg, *, describe: bool = False) -> str:
+  """The path, without .png / .npz, of the samples of `step`.
+
+  Training's periodic and final samples are samples_<step>; --mode=sample (describe=True) names the
+  sampler settings too, samples_<step>_<sampler>_n<num_steps>_eta<eta>_w<guidance_weight>[_label<label>],
+  so that drawing with other settings does not overwrite earlier files.
+  """
+  name = f"samples_{step:08d}"
+  if describe:
+    s = sample_cfg
+    name += f"_{s.sampler}_n{int(s.num_steps)}_eta{float(s.eta):g}_w{float(s.guidance_weight):g}"
+    if s.label >= 0:
+      name += f"_label{int(s.label)}"
+  return os.path.join(workdir, name)
+
+
+def _sample_and_save(model, params, config, workdir, step, rng, *, sample_fn=None, describe=False,
+                     scalars=None):
+  """Draw config.sample.num_samples samples and write them as `sample_file_base(...)` .png/.npz;
+  `sample_fn` (from make_sample_fn) is reused across calls so that periodic sampling compiles once, and
+  `scalars` (a vdiff.workdir.Scalars) also receives the grid as a TensorBoard image."""
   s = config.sample
   label = None
   if model.num_labels and s.label >= 0:
@@ -430,13 +489,16 @@ def _sample_and_save(model, params, config, workdir, step, rng, *, sample_fn=Non
   fn = sample_fn if sample_fn is not None else make_sample_fn(model, s)
   samples = np.asarray(jax.device_get(fn(params, rng, label=label)))
   if jax.process_index() == 0:
-    base = os.path.join(workdir, f"samples_{step:08d}")
+    base = sample_file_base(workdir, step, s, describe=describe)
     grid.save_grid(base + ".png", samples, model.num_levels)
     np.savez_compressed(base + ".npz", samples=samples, step=step, sampler=s.sampler,
-                        num_steps=s.num_steps)
+                        num_steps=s.num_steps, eta=s.eta, guidance_weight=s.guidance_weight)
     write_json(os.path.join(workdir, "samples.json"),
                {"step": int(step), "png": base + ".png", "npz": base + ".npz", "sampler": s.sampler,
-                "num_steps": int(s.num_steps), "guidance_weight": float(s.guidance_weight)})
+                "num_steps": int(s.num_steps), "eta": float(s.eta),
+                "guidance_weight": float(s.guidance_weight)})
+    if scalars is not None:
+      scalars.image("samples", grid.make_grid(samples, model.num_levels), step)
   return samples
 
 
@@ -459,6 +521,7 @@ def _config_floats(node, prefix: str = ""):
       yield from _config_floats(value, name)
 
 
+@_config_errors
 def validate_config(config) -> None:
   """Refuse impossible settings before any compute, naming the key.
 
@@ -522,6 +585,7 @@ def validate_config(config) -> None:
                      f"of devices ({n}).")
 
 
+@_config_errors
 def validate_data(config, train_ds, eval_ds) -> None:
   """Refuse a data set the run cannot use, naming the key: batch sizes larger than the data, and an
   evaluation split whose examples differ from the training split's (its bits/dim would be computed with
@@ -545,6 +609,7 @@ def validate_data(config, train_ds, eval_ds) -> None:
                      + (f", rounded up to a multiple of the {n} devices" if n > 1 else "") + ").")
 
 
+@_config_errors
 def validate_model(config, model) -> None:
   """Refuse settings the built model cannot run (before step 0, not after the whole training run): the
   evaluation estimator and the sampler for this family, and the sample label of a conditional model."""
@@ -605,6 +670,7 @@ def _abstract_replicated(abstract, mesh):
 
 
 def _train_and_evaluate(config, workdir, changes) -> dict:
+  t_run = time.time()  # metrics.jsonl's wall_seconds count from here (the start of this run or resume)
   mesh, train_ds, model, init, abstract, rng = setup(config, workdir)
   t = config.training
   test_ds = load_data(config, config.eval.split)
@@ -635,6 +701,21 @@ def _train_and_evaluate(config, workdir, changes) -> dict:
   sample_fn = None
   last_eval = None
   step = start
+  lr_fn = lr_schedule_from_config(config)
+  # (A train step without .lower, e.g. jit_train_step wrapped by an instrumented caller, compiles at its
+  # first call instead.)
+  if step < t.num_steps and hasattr(train_step, "lower"):
+    # Compile ahead of time, before the progress bar exists, so that its rate and ETA measure training
+    # only. Every process compiles first, then all start the first step together: its all-reduce waits
+    # only 30 s for the other processes, and one may compile more slowly (parallel.barrier).
+    _say("compiling the train step...")
+    tc = time.time()
+    batch = parallel.global_batch(_stack_batches(train_ds, config, step, n), bsh,
+                                  batch_axis=0 if n == 1 else 1)
+    train_step = train_step.lower(state, batch).compile()
+    _say(f"compiled in {time.time() - tc:.1f} s")
+    if jax.process_count() > 1:
+      parallel.barrier("first_train_step")
   bar = _progress(total=t.num_steps, desc="train", initial=start)
   t_last, step_last = time.time(), step
   in_flight = collections.deque()  # (step reached, an output of that dispatch) not yet known finished
@@ -652,11 +733,6 @@ def _train_and_evaluate(config, workdir, changes) -> dict:
     while step < t.num_steps:
       local = _stack_batches(train_ds, config, step, n)
       batch = parallel.global_batch(local, bsh, batch_axis=0 if n == 1 else 1)
-      if step == start and jax.process_count() > 1:
-        # Compile first, then start the first step together: its all-reduce waits only 30 s for the
-        # other processes, and one may compile more slowly (parallel.barrier).
-        train_step = train_step.lower(state, batch).compile()
-        parallel.barrier("first_train_step")
       state, metrics = train_step(state, batch)
       prev, step = step, step + n
       in_flight.append((step, metrics["loss"]))  # metrics are not donated: safe to wait on later
@@ -666,11 +742,16 @@ def _train_and_evaluate(config, workdir, changes) -> dict:
         wait_for(step)
         m = _to_python(metrics)
         nonfinite = int(state.nonfinite_count)
-        dt = time.time() - t_last
-        m.update(step=step, nonfinite_count=nonfinite,
+        now = time.time()
+        dt = now - t_last
+        # lr: the rate of this row's last update, lr_fn(step - 1) (the schedule counts updates from 0;
+        # a skipped non-finite step does not advance the optimiser's count, so after one the optimiser
+        # lags this figure by the number skipped).
+        m.update(step=step, nonfinite_count=nonfinite, lr=float(lr_fn(step - 1)),
+                 wall_seconds=now - t_run, time=now,
                  steps_per_sec=(step - step_last) / max(dt, 1e-9),
                  examples_per_sec=(step - step_last) * t.batch_size / max(dt, 1e-9))
-        t_last, step_last = time.time(), step
+        t_last, step_last = now, step
         append_jsonl(metrics_path, m)
         scalars.write(m)
         bar.set_postfix(loss=f"{m['loss']:.4g}", bpd=f"{m['bpd']:.4g}")
@@ -715,7 +796,7 @@ def _train_and_evaluate(config, workdir, changes) -> dict:
       if _crossed(prev, step, t.sample_every) and not is_last:
         sample_fn = sample_fn or make_sample_fn(model, config.sample)
         _sample_and_save(model, state.ema_params, config, workdir, step,
-                         sample_key(config.seed, step), sample_fn=sample_fn)
+                         sample_key(config.seed, step), sample_fn=sample_fn, scalars=scalars)
     wait_for(step)
   bar.close()
   mngr.wait_until_finished()
@@ -727,11 +808,11 @@ def _train_and_evaluate(config, workdir, changes) -> dict:
   row = {"step": step, "eval_bpd": last_eval["bpd"], "eval_bpd_stderr": last_eval["bpd_stderr"]}
   append_jsonl(metrics_path, row)
   scalars.write(row)
-  scalars.close()
   if config.sample.num_samples > 0:
     sample_fn = sample_fn or make_sample_fn(model, config.sample)
     _sample_and_save(model, state.ema_params, config, workdir, step, sample_key(config.seed, step),
-                     sample_fn=sample_fn)
+                     sample_fn=sample_fn, scalars=scalars)
+  scalars.close()
   mngr.close()
   return last_eval
 
@@ -760,12 +841,17 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
                     eval_cfg=config.eval, mesh=mesh, rng=jax.random.PRNGKey(config.seed + 1),
                     split=config.eval.split, step=step, workdir=workdir)
   result["params"] = "ema"
-  write_json(os.path.join(workdir, "eval.json"), result)
+  # eval.json stays the training run's own evaluation; each estimator's --mode=eval result has its file.
   write_json(os.path.join(workdir, f"eval_{config.eval.estimator}.json"), result)
   return result
 
 
 def sample_checkpoint(config, workdir: str) -> np.ndarray:
-  """--mode=sample: draw config.sample.num_samples samples from the newest checkpoint; PNG + npz."""
+  """--mode=sample: draw config.sample.num_samples samples from the newest checkpoint and write them as
+  sample_file_base(workdir, step, config.sample, describe=True) + .png / .npz (the path is printed)."""
   _, model, state, step = _restore_for_inference(config, workdir)
-  return _sample_and_save(model, state.ema_params, config, workdir, step, sample_key(config.seed, step))
+  samples = _sample_and_save(model, state.ema_params, config, workdir, step, sample_key(config.seed, step),
+                             describe=True)
+  base = sample_file_base(workdir, step, config.sample, describe=True)
+  _say(f"wrote {samples.shape[0]} samples (step {step}) to {base}.png and {base}.npz")
+  return samples

@@ -1,0 +1,252 @@
+"""The command line and the train loop's reports: compile message, metrics.jsonl rows (lr, wall-clock),
+sample grids in TensorBoard, --mode=sample / --mode=eval file names, --list, one-line config errors.
+
+One tiny training run (module-scoped fixture) serves the in-process tests; two small subprocesses check
+what only a process shows (the exit status and stderr of the command line)."""
+
+import io
+import json
+import os
+import re
+import struct
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from experiments.configs import base
+from experiments.configs import quickstart
+from vdiff import grid
+from vdiff import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides):
+  c = quickstart.get_config("tiny")
+  # 20 steps, rows every 5; one periodic sample at step 10 besides the final one at step 20.
+  c.training.update(sample_every=10)
+  c.sample.update(num_samples=4, num_steps=5)
+  for k, v in overrides.items():
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return c
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  """One tiny training run; records the order of the loop's messages and of the progress bar's creation."""
+  workdir = str(tmp_path_factory.mktemp("cli") / "run")
+  events = []
+  mp = pytest.MonkeyPatch()
+  say, progress = train._say, train._progress
+  mp.setattr(train, "_say", lambda msg: (events.append(("say", msg, time.time())), say(msg)))
+
+  def recording_progress(**kw):
+    events.append(("progress", kw.get("desc"), time.time()))
+    return progress(**kw)
+
+  mp.setattr(train, "_progress", recording_progress)
+  t0 = time.time()
+  try:
+    result = train.train_and_evaluate(tiny_config(), workdir)
+  finally:
+    mp.undo()
+  t1 = time.time()
+  return {"workdir": workdir, "events": events, "t0": t0, "t1": t1, "result": result}
+
+
+def test_compile_message_comes_before_the_progress_bar(run):
+  # The train step is compiled ahead of time with its own message and duration; the training bar (whose
+  # rate and ETA tqdm measures from its creation) is created only afterwards.
+  kinds = [(k, m) for k, m, _ in run["events"]]
+  names = [m if k == "say" else f"<bar {m}>" for k, m in kinds]
+  i_compiling = names.index("compiling the train step...")
+  i_compiled = next(i for i, m in enumerate(names) if m.startswith("compiled in "))
+  i_bar = names.index("<bar train>")
+  assert i_compiling < i_compiled < i_bar, names
+  seconds = float(names[i_compiled].split()[2])
+  assert names[i_compiled] == f"compiled in {seconds:.1f} s"
+  # The printed duration is the time between the two messages (to the printed 0.1 s).
+  t_compiling, t_compiled = run["events"][i_compiling][2], run["events"][i_compiled][2]
+  assert abs(seconds - (t_compiled - t_compiling)) <= 0.06 + 0.05 * seconds
+
+
+def test_metrics_rows_have_lr_wall_seconds_and_time(run):
+  rows = [json.loads(l) for l in open(os.path.join(run["workdir"], "metrics.jsonl"))]
+  train_rows = [r for r in rows if "loss" in r]
+  assert [r["step"] for r in train_rows] == [5, 10, 15, 20]
+  # The quickstart's schedule (optim.lr_schedule='constant'): linear warm-up from 0 to 2e-3 over
+  # warmup_steps = 5 updates (the tiny word), then 2e-3. The row at step s reports the rate of its last
+  # update, number s - 1 counted from 0: 2e-3 * min(s - 1, 5) / 5.
+  expected = [2e-3 * min(s - 1, 5) / 5 for s in (5, 10, 15, 20)]
+  np.testing.assert_allclose([r["lr"] for r in train_rows], expected, rtol=1e-6)
+  assert train_rows[0]["lr"] == pytest.approx(1.6e-3, rel=1e-6)
+  # The same numbers from the function the optimiser is built with.
+  lr_fn = train.lr_schedule_from_config(tiny_config())
+  np.testing.assert_allclose([r["lr"] for r in train_rows],
+                             [float(lr_fn(s - 1)) for s in (5, 10, 15, 20)], rtol=0)
+  walls = [r["wall_seconds"] for r in train_rows]
+  assert all(0 < a < b for a, b in zip(walls, walls[1:])), walls
+  assert walls[-1] <= run["t1"] - run["t0"]
+  times = [r["time"] for r in train_rows]
+  assert all(run["t0"] <= x <= run["t1"] for x in times), (run["t0"], times, run["t1"])
+  # wall_seconds and time are one clock: their difference is the run's start, the same in every row.
+  starts = [x - w for x, w in zip(times, walls)]
+  assert max(starts) - min(starts) < 1e-3, starts
+
+
+def _read_events(path):
+  """The Event protos of a TensorBoard event file (TFRecord framing: length u64, its crc u32, the data,
+  its crc u32)."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  data = open(path, "rb").read()
+  events, pos = [], 0
+  while pos < len(data):
+    (n,) = struct.unpack("<Q", data[pos:pos + 8])
+    events.append(event_pb2.Event.FromString(data[pos + 12:pos + 12 + n]))
+    pos += 12 + n + 4
+  return events
+
+
+def test_sample_grids_are_in_tensorboard(run):
+  tb = os.path.join(run["workdir"], "tensorboard")
+  images = {}
+  for f in os.listdir(tb):
+    for e in _read_events(os.path.join(tb, f)):
+      for v in e.summary.value:
+        if v.tag == "samples" and v.HasField("image"):
+          images[e.step] = np.asarray(Image.open(io.BytesIO(v.image.encoded_image_string)))
+  assert sorted(images) == [10, 20], sorted(images)
+  for step in (10, 20):
+    # The TensorBoard picture is make_grid of the samples written to samples_<step>.npz (17 levels).
+    samples = np.load(os.path.join(run["workdir"], f"samples_{step:08d}.npz"))["samples"]
+    expected = grid.make_grid(samples, 17)[..., 0]
+    got = images[step] if images[step].ndim == 2 else images[step][..., 0]
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_mode_sample_names_its_file_by_the_sampler_settings(run, capsys):
+  workdir = run["workdir"]
+  before = open(os.path.join(workdir, "samples_00000020.png"), "rb").read()
+  config = tiny_config(**{"sample.sampler": "ddim", "sample.num_steps": 3, "sample.eta": 0.5})
+  samples = train.sample_checkpoint(config, workdir)
+  base_path = os.path.join(workdir, "samples_00000020_ddim_n3_eta0.5_w0")
+  assert f"{base_path}.png" in capsys.readouterr().out
+  np.testing.assert_array_equal(np.load(base_path + ".npz")["samples"], samples)
+  assert Image.open(base_path + ".png").size == Image.open(os.path.join(workdir,
+                                                                        "samples_00000020.png")).size
+  # The training's own final samples are untouched.
+  assert open(os.path.join(workdir, "samples_00000020.png"), "rb").read() == before
+  config = tiny_config(**{"sample.sampler": "ddpm", "sample.num_steps": 4,
+                          "sample.guidance_weight": 1.5})
+  train.sample_checkpoint(config, workdir)
+  assert os.path.exists(os.path.join(workdir, "samples_00000020_ddpm_n4_eta0_w1.5.png"))
+  assert os.path.exists(base_path + ".npz")
+
+
+def test_mode_eval_keeps_the_training_eval_json(run):
+  workdir = run["workdir"]
+  before = open(os.path.join(workdir, "eval.json")).read()
+  # Another number of time samples gives another figure than training's evaluation.
+  result = train.evaluate_checkpoint(tiny_config(**{"eval.num_time_samples": 2}), workdir)
+  assert open(os.path.join(workdir, "eval.json")).read() == before
+  written = json.load(open(os.path.join(workdir, "eval_elbo.json")))
+  assert written["step"] == 20 and written["estimator"] == "elbo"
+  assert written["bpd"] == pytest.approx(result["bpd"], rel=1e-12)
+  assert json.loads(before)["bpd"] == pytest.approx(run["result"]["bpd"], rel=1e-12)
+
+
+def test_list_shows_every_config_its_words_and_keys():
+  from experiments import main  # pylint: disable=g-import-not-at-top
+  text = main.list_configs()
+  configs = sorted(f for f in os.listdir(os.path.join(REPO, "experiments", "configs"))
+                   if f.endswith(".py") and f not in ("__init__.py", "base.py"))
+  assert configs and all(f"  {f}: " in text for f in configs), configs
+  for word in base.WORDS:
+    assert word in text
+  from experiments.configs import study  # pylint: disable=g-import-not-at-top
+  assert "words: one of " + ", ".join(study.VARIANTS) in text
+  # Each config's own values of the main keys (the quickstart changes gamma_min and the batch size).
+  assert "model.schedule.gamma_min=-8.0" in text and "training.batch_size=64" in text
+  # Every base key with its default.
+  for key, value in [("training.batch_size", 128), ("eval.estimator", "elbo"), ("data.path", ""),
+                     ("sample.sampler", "vdm_ancestral")]:
+    assert f"  {key} = {value!r}\n" in text
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "experiments.main", *args], cwd=REPO, capture_output=True,
+                        text=True, timeout=300, env=dict(os.environ, PYTHONPATH=REPO))
+
+
+def test_cli_list_needs_no_config_or_workdir():
+  proc = _cli("--list")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "quickstart.py: " in proc.stdout and "training.num_steps = 10000000" in proc.stdout
+
+
+def test_cli_refused_estimator_is_one_line_and_exit_2(tmp_path):
+  workdir = str(tmp_path / "w")
+  proc = _cli("--config=experiments/configs/quickstart.py:tiny", f"--workdir={workdir}",
+              "--config.eval.estimator=cdm")
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+  assert "Traceback" not in proc.stderr
+  assert len(lines) == 1 and lines[0].startswith("[vdiff] invalid config: "), lines
+  assert "eval.estimator='cdm' does not apply to model family 'vdm'" in lines[0]
+  assert not os.path.exists(os.path.join(workdir, "checkpoints"))
+
+
+def test_make_tfds_writes_a_dataset_tfds_reads_without_tensorflow(tmp_path, capsys):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from experiments import make_tfds  # pylint: disable=g-import-not-at-top
+  from vdiff import data as data_lib  # pylint: disable=g-import-not-at-top
+  assert importlib.util.find_spec("tensorflow") is None  # written and read with TensorFlow absent
+  rng = np.random.default_rng(0)
+  train_x = rng.integers(0, 256, (7, 4, 4, 3), dtype=np.uint8)
+  test_x = rng.integers(0, 256, (3, 4, 4, 3), dtype=np.uint8)
+  train_y, test_y = np.arange(7) % 3, np.array([2, 0, 1])
+  npz = data_lib.make_npz(str(tmp_path / "mine.npz"), train_x, test_x, train_labels=train_y,
+                          test_labels=test_y, num_labels=4)
+  data_dir = str(tmp_path / "tfds")
+  assert make_tfds.main([f"--npz={npz}", "--name=vdiff_cli_test", f"--data_dir={data_dir}"]) == 0
+  assert f"--config.data.data_dir={data_dir}" in capsys.readouterr().out
+  # tfds itself reads it back, records in the order written, features as given.
+  source = tfds.data_source("vdiff_cli_test", split="test", data_dir=data_dir)
+  assert len(source) == 3
+  for i in range(3):
+    np.testing.assert_array_equal(source[i]["image"], test_x[i])
+    assert source[i]["label"] == test_y[i]
+  assert source.dataset_info.features["label"].num_classes == 4
+  # vdiff's TFDS loader (data.name = the dataset name, data.data_dir = the directory).
+  ds = data_lib.load("vdiff_cli_test", split="train", data_dir=data_dir)
+  np.testing.assert_array_equal(ds.images, train_x)
+  np.testing.assert_array_equal(ds.labels, train_y)
+  assert ds.num_levels == 256 and ds.num_labels == 4
+  # A file vdiff cannot store as TFDS: one line, exit 2.
+  bad = data_lib.make_npz(str(tmp_path / "k17.npz"), train_x % 17, test_x % 17, num_levels=17)
+  assert make_tfds.main([f"--npz={bad}", "--name=other", f"--data_dir={data_dir}"]) == 2
+  assert "num_levels=17" in capsys.readouterr().err
+
+
+def test_a_missing_tfds_data_dir_or_split_is_one_clear_error(tmp_path):
+  from vdiff import data as data_lib  # pylint: disable=g-import-not-at-top
+  data_dir = str(tmp_path / "tfds")
+  images = np.zeros((2, 4, 4, 1), np.uint8)
+  data_lib.write_tfds("vdiff_split_test", {"train": images, "test": images}, data_dir=data_dir)
+  empty = str(tmp_path / "empty")
+  with pytest.raises(ValueError, match=r"TFDS dataset 'vdiff_split_test' is not prepared in "
+                                       rf"data.data_dir='{re.escape(empty)}'.*experiments.make_tfds"):
+    data_lib.load("vdiff_split_test", split="train", data_dir=empty)
+  with pytest.raises(ValueError, match=r"has no split 'validation' .*it has \['train', 'test'\]"):
+    data_lib.load("vdiff_split_test", split="validation", data_dir=data_dir)
+  # A part of a split that exists still loads.
+  assert data_lib.load("vdiff_split_test", split="train[:1]", data_dir=data_dir).images.shape == (1, 4, 4, 1)
