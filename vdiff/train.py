@@ -25,6 +25,7 @@ from its last checkpoint ends in the state of an uninterrupted run.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import difflib
 import functools
@@ -704,18 +705,26 @@ def _train_and_evaluate(config, workdir, changes) -> dict:
   lr_fn = lr_schedule_from_config(config)
   # (A train step without .lower, e.g. jit_train_step wrapped by an instrumented caller, compiles at its
   # first call instead.)
-  if step < t.num_steps and hasattr(train_step, "lower"):
-    # Compile ahead of time, before the progress bar exists, so that its rate and ETA measure training
-    # only. Every process compiles first, then all start the first step together: its all-reduce waits
-    # only 30 s for the other processes, and one may compile more slowly (parallel.barrier).
-    _say("compiling the train step...")
-    tc = time.time()
-    batch = parallel.global_batch(_stack_batches(train_ds, config, step, n), bsh,
-                                  batch_axis=0 if n == 1 else 1)
-    train_step = train_step.lower(state, batch).compile()
-    _say(f"compiled in {time.time() - tc:.1f} s")
-    if jax.process_count() > 1:
-      parallel.barrier("first_train_step")
+  # Signals are caught from here on: one that arrives while the step compiles stops the run after its
+  # first step, with a checkpoint, like one that arrives later.
+  preemption = contextlib.ExitStack()
+  preempt = preemption.enter_context(_Preemption())
+  try:
+    if step < t.num_steps and hasattr(train_step, "lower"):
+      # Compile ahead of time, before the progress bar exists, so that its rate and ETA measure training
+      # only. Every process compiles first, then all start the first step together: its all-reduce waits
+      # only 30 s for the other processes, and one may compile more slowly (parallel.barrier).
+      _say("compiling the train step...")
+      tc = time.time()
+      batch = parallel.global_batch(_stack_batches(train_ds, config, step, n), bsh,
+                                    batch_axis=0 if n == 1 else 1)
+      train_step = train_step.lower(state, batch).compile()
+      _say(f"compiled in {time.time() - tc:.1f} s")
+      if jax.process_count() > 1:
+        parallel.barrier("first_train_step")
+  except BaseException:
+    preemption.close()
+    raise
   bar = _progress(total=t.num_steps, desc="train", initial=start)
   t_last, step_last = time.time(), step
   in_flight = collections.deque()  # (step reached, an output of that dispatch) not yet known finished
@@ -729,7 +738,7 @@ def _train_and_evaluate(config, workdir, changes) -> dict:
       bar.update(s - finished)
       finished = s
 
-  with _Preemption() as preempt:
+  with preemption:
     while step < t.num_steps:
       local = _stack_batches(train_ds, config, step, n)
       batch = parallel.global_batch(local, bsh, batch_axis=0 if n == 1 else 1)
