@@ -21,6 +21,11 @@ The practical peak is measured: the FLOP/s of a large float32 matmul (2 n^3 / ti
   python -m experiments.bench_train --families vdm,diffenc,cdm --sizes tiny --steps-per-dispatch 1,4 \
       --repeats 5 --batch 16 --out bench_train.json
 
+--remat 0,1 adds rows with the score network's ResNet blocks rematerialised (model.score.remat) and
+--compute-dtypes float32,bfloat16 rows with training.compute_dtype=bfloat16 (vdm and diffenc only): each
+row carries the compiled program's memory (compiled.memory_analysis(): temp_size_in_bytes is the scratch
+besides arguments and outputs, where stored activations live).
+
 Prints one JSON document to stdout (and writes it to --out if given).
 """
 
@@ -50,11 +55,25 @@ FAMILY_CONFIGS = {"vdm": ("vdm_cifar10", ()), "diffenc": ("diffenc_cifar10", ("t
 SIZES = {"tiny": ((8, 8, 1), 17), "paper": ((32, 32, 3), 256)}  # data shape, number of levels
 
 
-def get_config(family: str, size: str):
+def get_config(family: str, size: str, *, remat: bool = False, compute_dtype: str = "float32"):
   name, words = FAMILY_CONFIGS[family]
   module = importlib.import_module(f"experiments.configs.{name}")
   words = words + (("tiny",) if size == "tiny" else ())
-  return module.get_config(",".join(words) or None)
+  config = module.get_config(",".join(words) or None)
+  config.model.score.remat = remat
+  config.training.compute_dtype = compute_dtype
+  return config
+
+
+def _memory(compiled) -> dict:
+  """XLA's buffer assignment of the compiled program (compiled.memory_analysis()), in bytes; temp is the
+  scratch the program needs besides its arguments and outputs (what remat and bfloat16 reduce)."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return {}
+  keys = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+          "generated_code_size_in_bytes")
+  return {k: int(getattr(m, k)) for k in keys if hasattr(m, k)}
 
 
 def _cost(compiled) -> dict:
@@ -87,10 +106,12 @@ def random_batch(rng: np.random.RandomState, n: int, batch: int, shape, num_leve
 
 
 def bench_one(family: str, size: str, *, steps_per_dispatch: int, batch: int, repeats: int,
-              mesh, peak: float | None, single_step_flops: dict) -> dict:
-  config = get_config(family, size)
+              mesh, peak: float | None, single_step_flops: dict, remat: bool = False,
+              compute_dtype: str = "float32") -> dict:
+  config = get_config(family, size, remat=remat, compute_dtype=compute_dtype)
   shape, num_levels = SIZES[size]
-  model = models.from_config(config.model, data_shape=shape, num_levels=num_levels, num_labels=10)
+  model = models.from_config(config.model, data_shape=shape, num_levels=num_levels, num_labels=10,
+                             compute_dtype=compute_dtype)
   tx = train.optimizer_from_config(config)
   t = config.training
   state = train.init_state(model, tx, jax.random.PRNGKey(0), mesh)
@@ -110,7 +131,7 @@ def bench_one(family: str, size: str, *, steps_per_dispatch: int, batch: int, re
   compile_s = time.perf_counter() - t0
   cost = _cost(compiled)
   xla_flops = float(cost.get("flops", float("nan")))
-  if n == 1:
+  if n == 1 and not remat:  # remat adds recomputation FLOPs: the model's FLOPs are the plain step's
     single_step_flops[(family, size, batch)] = xla_flops
 
   state, metrics = compiled(state, data)  # Warm-up (first-run allocations).
@@ -124,7 +145,8 @@ def bench_one(family: str, size: str, *, steps_per_dispatch: int, batch: int, re
   per_step = statistics.median(times) / n
   flops = single_step_flops.get((family, size, batch))
   row = {
-      "family": family, "size": size, "steps_per_dispatch": n, "batch": batch,
+      "family": family, "size": size, "steps_per_dispatch": n, "batch": batch, "remat": remat,
+      "compute_dtype": compute_dtype, "memory": _memory(compiled),
       "data_shape": list(shape), "num_levels": num_levels, "num_params": num_params,
       "lower_s": lower_s, "compile_s": compile_s,
       "seconds_per_dispatch": [round(x, 6) for x in times],
@@ -146,6 +168,8 @@ def main(argv=None) -> dict:
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--batch", type=int, default=16, help="global batch size")
   p.add_argument("--matmul-n", type=int, default=2048, help="size of the peak-FLOP/s matmul; 0 skips")
+  p.add_argument("--remat", default="0", help="comma list of 0/1: rows without / with model.score.remat")
+  p.add_argument("--compute-dtypes", default="float32", help="comma list of training.compute_dtype values")
   p.add_argument("--out", default="")
   argv = sys.argv[1:] if argv is None else list(argv)
   args = p.parse_args(argv)
@@ -166,21 +190,31 @@ def main(argv=None) -> dict:
 
   peak = measure_matmul_peak(n=args.matmul_n) if args.matmul_n > 0 else None
   peak_flops = peak["flops_per_s"] if peak else None
+  remats = [bool(int(x)) for x in args.remat.split(",") if x]
+  dtypes = [d for d in args.compute_dtypes.split(",") if d]
+  # Variants other than the plain float32 one (remat, bfloat16) apply to the score network: vdm, diffenc.
+  variants = [(r, d) for d in dtypes for r in remats]
   results, flops = [], {}
   for family in families:
     for size in sizes:
-      for n in spds:
+      for n, (remat, dtype) in [(n, v) for v in variants for n in spds]:
+        if (remat or dtype != "float32") and family == "cdm":
+          continue
         row = bench_one(family, size, steps_per_dispatch=n, batch=args.batch, repeats=args.repeats,
-                        mesh=mesh, peak=peak_flops, single_step_flops=flops)
+                        mesh=mesh, peak=peak_flops, single_step_flops=flops, remat=remat,
+                        compute_dtype=dtype)
         base = next((r for r in results if r["family"] == family and r["size"] == size
-                     and r["steps_per_dispatch"] == 1), None)
+                     and r["steps_per_dispatch"] == 1 and r["remat"] == remat
+                     and r["compute_dtype"] == dtype), None)
         if base is not None and n != 1:
           row["speedup_vs_1_step_per_dispatch"] = base["seconds_per_step"] / row["seconds_per_step"]
         results.append(row)
         if args.out:  # The rows so far, so that a long run stopped part-way keeps what it measured.
           jsonout.emit(_report(argv, peak, results), args.out, indent=2, quiet=True)
-        print(f"[bench_train] {family} {size} x{n}: {row['seconds_per_step']:.4g} s/step, "
-              f"compile {row['compile_s']:.1f} s", file=sys.stderr, flush=True)
+        print(f"[bench_train] {family} {size} x{n} remat={int(remat)} {dtype}: "
+              f"{row['seconds_per_step']:.4g} s/step, compile {row['compile_s']:.1f} s, temp "
+              f"{row['memory'].get('temp_size_in_bytes', float('nan')) / 2**20:.1f} MiB",
+              file=sys.stderr, flush=True)
   report = _report(argv, peak, results)
   jsonout.emit(report, args.out, indent=2)
   return report

@@ -272,7 +272,11 @@ class VDMFamily(Family):
 
   def __init__(self, *, data_shape, num_levels: int, num_labels: int = 0, schedule: ScheduleSpec,
                score_kwargs: dict, parameterization: str = "eps", num_steps: int = 0,
-               antithetic: bool = True, p_uncond: float = 0.0, variance_minimization: bool = False):
+               antithetic: bool = True, p_uncond: float = 0.0, variance_minimization: bool = False,
+               compute_dtype: str = "float32"):
+    if compute_dtype not in COMPUTE_DTYPES:
+      raise ValueError(f"training.compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, "
+                       f"got {compute_dtype!r}.")
     if variance_minimization and schedule.kind != "learned_pinned":
       raise ValueError("model.schedule.variance_minimization needs model.schedule.kind="
                        f"'learned_pinned' (endpoints and shape learned apart), got {schedule.kind!r}.")
@@ -282,6 +286,10 @@ class VDMFamily(Family):
     self.num_labels = int(num_labels)
     self.schedule_spec = schedule
     self.net = score_nets.ScoreUNet(num_labels=self.num_labels, **score_kwargs)
+    # The training loss's network: the same parameters (float32), computed in compute_dtype. Evaluation,
+    # likelihoods and sampling (train=False) always use the float32 `net`.
+    self.compute_dtype = compute_dtype
+    self.train_net = self.net.clone(dtype=COMPUTE_DTYPES[compute_dtype])
     self.parameterization = parameterization
     self.num_steps = int(num_steps) or None  # 0 = continuous time
     self.antithetic = antithetic
@@ -305,7 +313,8 @@ class VDMFamily(Family):
       lab = None
       if self.num_labels:
         lab = jnp.full(z.shape[:1], self.num_labels, jnp.int32) if label is None else label
-      return self.net.apply({"params": params["score"]}, z, g_norm, lab, train=train, rngs=rngs)
+      net = self.train_net if train else self.net
+      return net.apply({"params": params["score"]}, z, g_norm, lab, train=train, rngs=rngs)
 
     return vdm.make_eps_fn(apply_fn, schedule, parameterization=self.parameterization,
                            gamma_min=self.schedule_spec.gamma_min,
@@ -651,17 +660,29 @@ def _check_protocol(model, name: str):
   return model
 
 
+# training.compute_dtype -> the score network's computation dtype in the training loss (None: float32).
+COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+
+
 def score_kwargs_from_config(cfg) -> dict:
   return dict(ch=cfg.ch, num_blocks=cfg.num_blocks, dropout=cfg.dropout, attention=cfg.attention,
-              fourier_min=cfg.fourier_min, fourier_max=cfg.fourier_max, num_groups=cfg.num_groups)
+              fourier_min=cfg.fourier_min, fourier_max=cfg.fourier_max, num_groups=cfg.num_groups,
+              remat=bool(cfg.get("remat", False)))
 
 
-def from_config(model_cfg, *, data_shape, num_levels: int, num_labels: int):
-  """Build the family named by model_cfg.family from a config (the only place a config is unpacked)."""
+def from_config(model_cfg, *, data_shape, num_levels: int, num_labels: int,
+                compute_dtype: str = "float32"):
+  """Build the family named by model_cfg.family from a config (the only place a config is unpacked).
+
+  compute_dtype (training.compute_dtype) applies to the VDM and DiffEnc score network's training loss.
+  """
   family = model_cfg.family
   cls = resolve_family(family)
   common = dict(data_shape=data_shape, num_levels=num_levels,
                 num_labels=num_labels if model_cfg.conditional else 0)
+  if compute_dtype != "float32" and cls not in (VDMFamily, DiffEncFamily):
+    raise ValueError(f"training.compute_dtype={compute_dtype!r} applies to the 'vdm' and 'diffenc' "
+                     f"families; model.family={family!r} trains in 'float32' only.")
   if cls not in _BUILTIN:
     if hasattr(cls, "from_config"):
       return _check_protocol(cls.from_config(model_cfg, **common), family)
@@ -673,7 +694,8 @@ def from_config(model_cfg, *, data_shape, num_levels: int, num_labels: int):
               score_kwargs=score_kwargs_from_config(model_cfg.score),
               parameterization=model_cfg.parameterization, num_steps=model_cfg.num_steps,
               antithetic=model_cfg.antithetic, p_uncond=model_cfg.p_uncond,
-              variance_minimization=model_cfg.schedule.variance_minimization)
+              variance_minimization=model_cfg.schedule.variance_minimization,
+              compute_dtype=compute_dtype)
     if cls is DiffEncFamily:
       e = model_cfg.encoder
       kw.update(encoder_kind=e.kind, encoder_kwargs=dict(

@@ -372,7 +372,8 @@ def _load_data_cached(name, split, data_dir, path, stamp, seed, extra):  # pylin
 @_config_errors
 def build_model(config, ds):
   return models.from_config(config.model, data_shape=ds.shape, num_levels=ds.num_levels,
-                            num_labels=ds.num_labels)
+                            num_labels=ds.num_labels,
+                            compute_dtype=config.training.get("compute_dtype", "float32"))
 
 
 def _stack_batches(ds, config, start_step: int, n: int):

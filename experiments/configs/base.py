@@ -40,6 +40,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   sc.fourier_min = 6
   sc.fourier_max = 8
   sc.num_groups = 32
+  sc.remat = False           # rematerialise the ResNet blocks in the backward pass (less memory, ~1 more forward)
   m.encoder = e = ml_collections.ConfigDict()  # DiffEnc
   e.kind = "identity"        # identity | nontrainable | trainable
   e.ch = 64
@@ -89,6 +90,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   t.max_checkpoints_to_keep = 3
   t.async_checkpointing = True
   t.nan_policy = "skip"      # skip | stop
+  # float32 | bfloat16: the score network's activations and matmuls/convs in the training loss (vdm,
+  # diffenc); parameters, optimiser state, loss terms and schedule stay float32; evaluation and sampling
+  # always run in float32.
+  t.compute_dtype = "float32"
   t.inject_nan_at_step = -1  # testing switch: replace that step's loss by NaN
   t.allow_config_change = False  # resume even if a guarded key changed (vdiff/workdir.py HARMLESS_KEYS)
 

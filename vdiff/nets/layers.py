@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from typing import Any
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -45,31 +47,40 @@ def upsample_nearest2x(h):
   return h.reshape(b, 2 * hh, 2 * ww, c)
 
 
-def group_norm(num_groups: int, channels: int, name: str | None = None) -> nn.GroupNorm:
-  """GroupNorm whose group count divides the channel count (tiny test networks have few channels)."""
+def group_norm(num_groups: int, channels: int, name: str | None = None, dtype: Any = None) -> nn.GroupNorm:
+  """GroupNorm whose group count divides the channel count (tiny test networks have few channels).
+
+  dtype: the output dtype (None: that of the input); flax computes the mean and variance in float32
+  whatever it is, so a bfloat16 network keeps float32 normalisation statistics.
+  """
   g = math.gcd(num_groups, channels)
-  return nn.GroupNorm(num_groups=g, name=name)
+  return nn.GroupNorm(num_groups=g, name=name, dtype=dtype)
 
 
 class ResnetBlock(nn.Module):
-  """GroupNorm -> SiLU -> conv -> + Dense(cond) -> GroupNorm -> SiLU -> dropout -> zero-init conv, + skip."""
+  """GroupNorm -> SiLU -> conv -> + Dense(cond) -> GroupNorm -> SiLU -> dropout -> zero-init conv, + skip.
+
+  dtype: the computation dtype of the convolutions, dense layers and activations (None: float32 by
+  promotion of the float32 parameters); the parameters are float32 whatever it is.
+  """
 
   out_ch: int
   dropout: float = 0.0
   num_groups: int = 32
+  dtype: Any = None
 
   @nn.compact
-  def __call__(self, x, cond, *, train: bool):
+  def __call__(self, x, cond, train: bool = False):
     in_ch = x.shape[-1]
-    h = nn.silu(group_norm(self.num_groups, in_ch)(x))
-    h = nn.Conv(self.out_ch, (3, 3))(h)
+    h = nn.silu(group_norm(self.num_groups, in_ch, dtype=self.dtype)(x))
+    h = nn.Conv(self.out_ch, (3, 3), dtype=self.dtype)(h)
     if cond is not None:
-      h = h + nn.Dense(self.out_ch)(nn.silu(cond))[:, None, None, :]
-    h = nn.silu(group_norm(self.num_groups, self.out_ch)(h))
+      h = h + nn.Dense(self.out_ch, dtype=self.dtype)(nn.silu(cond))[:, None, None, :]
+    h = nn.silu(group_norm(self.num_groups, self.out_ch, dtype=self.dtype)(h))
     h = nn.Dropout(self.dropout)(h, deterministic=not train)
-    h = nn.Conv(self.out_ch, (3, 3), kernel_init=nn.initializers.zeros)(h)
+    h = nn.Conv(self.out_ch, (3, 3), kernel_init=nn.initializers.zeros, dtype=self.dtype)(h)
     if in_ch != self.out_ch:
-      x = nn.Dense(self.out_ch, name="skip")(x)
+      x = nn.Dense(self.out_ch, name="skip", dtype=self.dtype)(x)
     return x + h
 
 
@@ -77,10 +88,12 @@ class AttnBlock(nn.Module):
   """Single-head self-attention over spatial positions with a zero-initialised output projection."""
 
   num_groups: int = 32
+  dtype: Any = None  # computation dtype, as in ResnetBlock
 
   @nn.compact
   def __call__(self, x):
     b, h, w, c = x.shape
-    y = group_norm(self.num_groups, c)(x).reshape(b, h * w, c)
-    y = nn.SelfAttention(num_heads=1, qkv_features=c, out_kernel_init=nn.initializers.zeros)(y)
+    y = group_norm(self.num_groups, c, dtype=self.dtype)(x).reshape(b, h * w, c)
+    y = nn.SelfAttention(num_heads=1, qkv_features=c, out_kernel_init=nn.initializers.zeros,
+                         dtype=self.dtype)(y)
     return x + y.reshape(b, h, w, c)

@@ -10,9 +10,19 @@ not eps_hat = z (except where alpha_t = 0). The network is conditioned on the
 normalised gamma, g_norm = (gamma_t - gamma_min) / (gamma_max - gamma_min) in [0, 1], through a sinusoidal
 embedding of 1000 g_norm, and optionally on a class label (label `num_labels` is the null label of
 classifier-free guidance).
+
+Two memory and speed options leave the parameters (float32) and their pytree unchanged:
+`dtype=jnp.bfloat16` runs the convolutions, dense layers, attention and activations in bfloat16
+(GroupNorm statistics stay float32 inside flax; the time embedding and Fourier features are computed in
+float32, and the output is cast back to float32 before the z skip, so eps_hat = z + out keeps z exactly);
+`remat=True` rematerialises each ResNet block (`flax.linen.remat`, i.e. `jax.checkpoint`): its
+activations are recomputed in the backward pass instead of stored, the same function at the cost of
+about one more forward pass.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -36,6 +46,8 @@ class ScoreUNet(nn.Module):
   num_groups: int = 32
   num_labels: int = 0
   skip_z: bool = True
+  dtype: Any = None     # computation dtype (None: float32); see the module docstring
+  remat: bool = False   # rematerialise the ResNet blocks in the backward pass
 
   @nn.compact
   def __call__(self, z, g_norm, label=None, *, train: bool = False):
@@ -54,18 +66,25 @@ class ScoreUNet(nn.Module):
     if self.fourier_max > self.fourier_min:
       h = jnp.concatenate([z, layers.fourier_features(z, n_min=self.fourier_min,
                                                       n_max=self.fourier_max)], axis=-1)
-    h = nn.Conv(self.ch, (3, 3))(h)
+    h = nn.Conv(self.ch, (3, 3), dtype=self.dtype)(h)
     hs = [h]
-    block = lambda: layers.ResnetBlock(self.ch, self.dropout, self.num_groups)
+    # Explicit names (those flax gives the plain blocks), so that the parameter pytree is the same with
+    # or without remat. `train` (argument 3, counting the module) is static: it selects dropout's branch.
+    block_cls = nn.remat(layers.ResnetBlock, static_argnums=(3,)) if self.remat else layers.ResnetBlock
+    names = iter(range(2 * self.num_blocks + 3))
+    block = lambda: block_cls(self.ch, self.dropout, self.num_groups, dtype=self.dtype,
+                              name=f"ResnetBlock_{next(names)}")
     for _ in range(self.num_blocks):
-      h = block()(h, temb, train=train)
+      h = block()(h, temb, train)
       hs.append(h)
-    h = block()(h, temb, train=train)
+    h = block()(h, temb, train)
     if self.attention:
-      h = layers.AttnBlock(self.num_groups)(h)
-    h = block()(h, temb, train=train)
+      h = layers.AttnBlock(self.num_groups, dtype=self.dtype)(h)
+    h = block()(h, temb, train)
     for _ in range(self.num_blocks + 1):
-      h = block()(jnp.concatenate([h, hs.pop()], axis=-1), temb, train=train)
-    h = nn.silu(layers.group_norm(self.num_groups, self.ch)(h))
-    out = nn.Conv(z.shape[-1], (3, 3), kernel_init=nn.initializers.zeros, name="conv_out")(h)
+      h = block()(jnp.concatenate([h, hs.pop()], axis=-1), temb, train)
+    h = nn.silu(layers.group_norm(self.num_groups, self.ch, dtype=self.dtype)(h))
+    out = nn.Conv(z.shape[-1], (3, 3), kernel_init=nn.initializers.zeros, name="conv_out",
+                  dtype=self.dtype)(h)
+    out = out.astype(jnp.float32)  # the loss and the z skip in float32, whatever the compute dtype
     return out + z if self.skip_z else out
