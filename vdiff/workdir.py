@@ -73,6 +73,7 @@ HARMLESS_KEYS = (
     "training.async_checkpointing",
     "training.steps_per_dispatch",   # data and rng are functions of the step, not of the dispatch
     "training.allow_config_change",
+    "model.score.remat",             # recomputes activations in the backward pass: the same function
     "eval",
     "sample",
 )
