@@ -19,6 +19,7 @@ from PIL import Image
 
 from experiments.configs import base
 from experiments.configs import quickstart
+from _overrides import set_keys
 from vdiff import grid
 from vdiff import train
 
@@ -30,13 +31,7 @@ def tiny_config(**overrides):
   # 20 steps, rows every 5; one periodic sample at step 10 besides the final one at step 20.
   c.training.update(sample_every=10)
   c.sample.update(num_samples=4, num_steps=5)
-  for k, v in overrides.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return c
+  return set_keys(c, overrides)
 
 
 @pytest.fixture(scope="module")

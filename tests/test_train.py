@@ -14,6 +14,7 @@ import optax
 import pytest
 
 from experiments.configs import quickstart
+from _overrides import set_keys
 from vdiff import data as data_lib
 from vdiff import parallel
 from vdiff import train
@@ -23,13 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def tiny_config(**overrides):
   c = quickstart.get_config("tiny")
-  for k, v in overrides.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return c
+  return set_keys(c, overrides)
 
 
 @pytest.mark.parametrize("steps_per_dispatch", [1, 2])

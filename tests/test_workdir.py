@@ -21,6 +21,7 @@ import pytest
 
 from experiments import report
 from experiments.configs import quickstart
+from _overrides import set_keys
 from vdiff import parallel
 from vdiff import train
 from vdiff import workdir as wd
@@ -33,13 +34,7 @@ def _config(**overrides):
   c.training.update(num_steps=10, checkpoint_every=5, sample_every=5)
   c.eval.num_examples = 64
   c.sample.update(num_samples=4, num_steps=5)
-  for k, v in overrides.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return c
+  return set_keys(c, overrides)
 
 
 def _steps(workdir):
