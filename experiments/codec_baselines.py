@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.metadata
 import os
 import platform
 import sys
@@ -64,12 +63,7 @@ def main(argv=None) -> dict:
   t0 = time.perf_counter()
   result = baselines.compress_all(images, ds.num_levels, methods=methods)
   seconds = time.perf_counter() - t0
-  versions = {}
-  for dist in ("pillow", "imagecodecs", "numpy"):
-    try:
-      versions[dist] = importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-      versions[dist] = None
+  versions = data_lib.package_versions(("pillow", "imagecodecs", "numpy"))
   if "imagecodecs" in sys.modules:
     import imagecodecs  # pylint: disable=g-import-not-at-top
     versions["libjxl"] = imagecodecs.jpegxl_version()

@@ -894,6 +894,17 @@ def _check_positive_int(value: Any, name: str) -> int:
   return int(value)
 
 
+def package_versions(dists) -> dict:
+  """{distribution name: installed version, or None if it is not installed}, for provenance records."""
+  versions = {}
+  for dist in dists:
+    try:
+      versions[dist] = importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+      versions[dist] = None
+  return versions
+
+
 def _load_photos(name: str, *, split: str, seed: int, patch_size: int = PHOTOS_PATCH_SIZE,
                  patch_stride: int | None = None) -> Dataset:
   """RGB patches of the photographs bundled with scikit-image and scikit-learn, K = 256, split by photo.
@@ -945,12 +956,7 @@ def _load_photos(name: str, *, split: str, seed: int, patch_size: int = PHOTOS_P
   order = _random_state(_TAG_PHOTO_ORDER, split_code).permutation(len(patches))
   images = np.stack(patches)[order]
   files = {n: (package, file) for n, package, file in PHOTOS}
-  versions = {}
-  for dist in ("scikit-image", "scikit-learn", "pillow"):
-    try:
-      versions[dist] = importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-      versions[dist] = None
+  versions = package_versions(("scikit-image", "scikit-learn", "pillow"))
   metadata = {
       "patch_size": patch_size,
       "patch_stride": strides[split],

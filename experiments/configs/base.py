@@ -139,6 +139,20 @@ def parse_words(arg: str | None) -> set[str]:
   return words
 
 
+def split_variant(arg: str | None, variants: tuple[str, ...], *, default: str,
+                  what: str) -> tuple[str, set[str]]:
+  """(the one word of `variants` in arg, or default; the remaining words checked by parse_words).
+
+  For configs that take one variant word (a family, a study variant) besides the base words; `what`
+  names the choice in the error for two variant words ("choose one {what}, got [...]")."""
+  words = [w.strip() for w in (arg or "").split(",") if w.strip()]
+  chosen = [w for w in words if w in variants]
+  if len(chosen) > 1:
+    raise ValueError(f"choose one {what}, got {chosen}.")
+  return (chosen[0] if chosen else default), parse_words(
+      ",".join(w for w in words if w not in variants))
+
+
 def apply_words(c: ml_collections.ConfigDict, words: set[str]) -> ml_collections.ConfigDict:
   """Apply argument words in a fixed order (tiny last, so it shrinks whatever the others chose)."""
   if "trainable" in words and "nontrainable" in words:

@@ -21,12 +21,7 @@ FAMILIES = ("vdm", "diffenc", "cdm")
 
 
 def _split(arg: str | None) -> tuple[str, set[str]]:
-  words = [w.strip() for w in (arg or "").split(",") if w.strip()]
-  families = [w for w in words if w in FAMILIES]
-  if len(families) > 1:
-    raise ValueError(f"choose one family of {FAMILIES}, got {families}.")
-  return (families[0] if families else "vdm"), base.parse_words(
-      ",".join(w for w in words if w not in FAMILIES))
+  return base.split_variant(arg, FAMILIES, default="vdm", what=f"family of {FAMILIES}")
 
 
 def get_config(arg: str | None = None):

@@ -25,12 +25,7 @@ VARIANTS = ("vdm", "diffenc_nt", "diffenc_tr", "pinned", "pinned_varmin", "cdm")
 
 
 def _split(arg: str | None) -> tuple[str, set[str]]:
-  words = [w.strip() for w in (arg or "").split(",") if w.strip()]
-  variants = [w for w in words if w in VARIANTS]
-  if len(variants) > 1:
-    raise ValueError(f"choose one study variant, got {variants}.")
-  return (variants[0] if variants else "vdm"), base.parse_words(
-      ",".join(w for w in words if w not in VARIANTS))
+  return base.split_variant(arg, VARIANTS, default="vdm", what="study variant")
 
 
 def get_config(arg: str | None = None):
