@@ -18,8 +18,8 @@ Return convention of the public likelihood functions (`vdm.negative_elbo`, `diff
     fn(rng, <model: eps_fn / logits_fn, schedule, ...>, <data>, *, num_levels=K, <keyword-only
        hyperparameters>) -> (nats [B], extras: dict)
 
-  * rng first, then the model, then the data (K-level integers k, or their encoding x for the ELBO);
-    every hyperparameter keyword-only.
+  * rng first, then the model, then the data k (K-level integers); every hyperparameter keyword-only.
+    (The ELBOs take the encoding x = encode(k) second and their model, schedule and eps_fn, by keyword.)
   * nats: per example, an upper bound (in expectation over the function's random draws) on the
     DISCRETE negative log-likelihood -log P(k), in nats:
       - ELBO: the negative ELBO;
@@ -33,6 +33,8 @@ Return convention of the public likelihood functions (`vdm.negative_elbo`, `diff
 
 `forward_dequantization_bound` and `uniform_dequantization_bound` are the low-level building blocks in
 log space (a lower bound on log P(k), and a log-density on [-1, 1]^D) from which these are built.
+`cdm.one_step_nll_bpd`, `ode.ode_nll_bpd`, `ode.ode_forward_bound` and `ode.ode_uniform_bound` are
+deprecated aliases (a DeprecationWarning names the replacement) that keep their old return values.
 """
 
 from __future__ import annotations
