@@ -12,16 +12,22 @@ against the low-level log-space bounds composed by hand.
 import inspect
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments.configs import base
 from vdiff import cdm
+from vdiff import data as data_lib
 from vdiff import diffenc
 from vdiff import likelihood
+from vdiff import models
 from vdiff import ode
+from vdiff import parallel
 from vdiff import schedules
+from vdiff import train
 from vdiff import vdm
 
 LINEAR = schedules.linear()
@@ -165,3 +171,40 @@ def test_uniform_dequantization_nats_is_the_bits_per_dim_offset():
                              likelihood.nats_to_bpd(-log_p, 12, num_levels=256), rtol=1e-6)
   with pytest.raises(ValueError, match="num_levels"):
     likelihood.uniform_dequantization_nats(log_p, 12, 1)
+
+
+class _TinyClassifier(nn.Module):
+  """A small noise-level classifier (no time input): logits [B, T + 2]."""
+  num_classes_out: int
+
+  @nn.compact
+  def __call__(self, x, label=None, train=False):
+    h = jnp.tanh(nn.Dense(16)(x.reshape(x.shape[0], -1)))
+    return nn.Dense(self.num_classes_out, kernel_init=nn.initializers.normal(0.5))(h)
+
+
+def test_cdm_evaluation_bits_per_dim_are_unchanged():
+  """eval.json's bits/dim of the CDM one-step estimator (uniform, m = 2) are those of the log-space
+  bound converted with the offset, nats_to_bpd(-log p, D, num_levels=K), batch i drawing from
+  fold_in(rng, i): what the evaluator reported before its nats folded in D log(K / 2)."""
+  num_levels, steps = 17, 10
+  model = models.CDMFamily(data_shape=(8, 8, 1), num_levels=num_levels, num_steps=steps, beta_steps=steps)
+  model.net = _TinyClassifier(num_classes_out=steps + 2)
+  params = model.init(jax.random.PRNGKey(0))
+  ds = data_lib.load("digits", split="test", seed=0)
+  cfg = base.get_base_config().eval
+  cfg.update(batch_size=2, num_examples=4, estimator="cdm", num_dequantization_samples=2)
+  rng = jax.random.PRNGKey(7)
+  r = train.evaluate(model, params, ds, estimator="cdm", eval_cfg=cfg, mesh=parallel.make_mesh(),
+                     rng=rng, split="test", step=0, progress=False)
+  logits_fn = model.logits_fn(params)
+  expected = []
+  for i in range(2):
+    k = jnp.asarray(ds.images[2 * i:2 * i + 2])
+    logp, _ = likelihood.uniform_dequantization_bound(
+        jax.random.fold_in(rng, i), lambda r_, y: (cdm.one_step_log_density(logits_fn, y),
+                                                   jnp.ones(2, jnp.int32)),
+        k, num_levels=num_levels, num_samples=2)
+    expected.append(np.asarray(likelihood.nats_to_bpd(-logp, 64, num_levels=num_levels)))
+  np.testing.assert_allclose(r["bpd"], np.concatenate(expected).mean(), rtol=1e-6)
+  assert r["discrete_bound"] is False and r["nfe"] == 2.0 and r["num_examples"] == 4
