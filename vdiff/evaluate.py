@@ -8,7 +8,8 @@ are `likelihood.nats_to_bpd(nats, D)` for all three:
         a discrete bound on -log P(k) (docs/math.md sec. 2).
   cdm   CDM one-step density (Thm 3.2), `eval.num_dequantization_samples` draws per image, with
         `eval.dequantization` = uniform (class 0, a density on uniformly dequantised data, its
-        D log(K/2) folded into the nats: + log2(K/2) bits/dim) or forward (class 1 with the K-level decoder at abar_1: a discrete bound, no offset).
+        D log(K/2) folded into the nats: + log2(K/2) bits/dim) or forward (class 1 with the K-level
+        decoder at abar_1: a discrete bound, no offset).
   ode   probability-flow ODE (docs/math.md sec. 6), any family whose flow is the plain diffusion, with
         the same two dequantisations (forward: the ODE from `eval.ode_t0` to 1 and the decoder at t0).
 
