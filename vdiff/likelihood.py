@@ -104,9 +104,9 @@ def nats_to_bpd(nats: Array, num_dims: int, *, num_levels: int | None = None) ->
 
   The second form is the dequantisation bound log P(k) >= E_u log p(y) + D log(2 / K) (docs/math.md sec. 4)
   for nats = -log p(y) of a density. The public likelihood functions (`cdm.one_step_nll`, `ode.ode_nll`,
-  the ELBOs; see the module docstring) already fold D log(K / 2) into their nats and use the first form. Conventions elsewhere differ: score_sde
-  scales data to [0, 1] with 256 bins (same offset, log2 256 with x in [0,1]), while others use
-  [0, 255/256] and get log2(256/255) bits/dim less.
+  the ELBOs; see the module docstring) already fold D log(K / 2) into their nats and use the first form.
+  Conventions elsewhere differ: score_sde scales data to [0, 1] with 256 bins (same offset, log2 256
+  with x in [0,1]), while others use [0, 255/256] and get log2(256/255) bits/dim less.
 
   Args:
     nats: negative log-likelihood per example, any shape.
