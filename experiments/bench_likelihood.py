@@ -178,10 +178,14 @@ def ode_fn(model, *, tol: float, divergence: str, dequantization: str = "uniform
   return evaluate.make_nll_fn(model, "ode", cfg)
 
 
-def run_estimator(fn, params, ds, *, batch_size: int, seed: int, num_levels: int, dequantized: bool,
+def run_estimator(fn, params, ds, *, batch_size: int, seed: int, dequantized: bool,
                   warmup: bool = True, precision: str = "highest") -> dict:
   """Per-image bits/dim of `fn` over every image of ds (masked padding), timed after compilation
-  (compiled under jax.default_matmul_precision(precision))."""
+  (compiled under jax.default_matmul_precision(precision)).
+
+  fn is an `evaluate.make_nll_fn` estimator: its nats bound -log P(k) (a uniformly dequantised
+  density's D log(K/2) included), so bits/dim are nats_to_bpd(nats, D); `dequantized` (its flag) only
+  names the convention."""
   import contextlib  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from vdiff import data as data_lib  # pylint: disable=g-import-not-at-top
@@ -212,8 +216,7 @@ def run_estimator(fn, params, ds, *, batch_size: int, seed: int, num_levels: int
   mask = np.concatenate(masks)
   nats = np.concatenate(nats)[mask]
   nfe = np.concatenate(nfe)[mask]
-  bpd = np.asarray(likelihood.nats_to_bpd(nats, ds.num_dims,
-                                          num_levels=num_levels if dequantized else None), np.float64)
+  bpd = np.asarray(likelihood.nats_to_bpd(nats, ds.num_dims), np.float64)
   n = len(bpd)
   return {
       "bpd": float(bpd.mean()), "bpd_stderr": float(bpd.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0,
@@ -366,7 +369,7 @@ def main(argv=None):
     for label, meta, (fn, dequantized), sub, warm in jobs:
       print(f"[bench] {name}: {label} on {len(sub)} images ...", file=sys.stderr, flush=True)
       entry = run_estimator(fn, params, sub, batch_size=min(args.batch_size, len(sub)),
-                            seed=args.seed, num_levels=model.num_levels, dequantized=dequantized,
+                            seed=args.seed, dequantized=dequantized,
                             warmup=warm, precision=args.precision)
       entry = add_gaps(entry, sub, truth)
       doc["results"].append(dict(common, label=f"{name}/{label}", **meta, **entry))

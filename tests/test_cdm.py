@@ -110,17 +110,21 @@ def test_denoiser_time_grid():
                                 eps_fn(z, jnp.full((3,), 1.0 / T)))
 
 
-def test_one_step_nll_bpd_convention():
-  # docs/math.md sec. 4 / vdiff.likelihood: bpd = -log p(y) / (D ln 2) + log2(K / 2) on y = dequantize(k).
+def test_one_step_nll_convention():
+  # docs/math.md sec. 4 / vdiff.likelihood: nats = -log p(y) + D log(K / 2) on y = dequantize(k), so
+  # bpd = nats_to_bpd(nats, D) = -log p(y) / (D ln 2) + log2(K / 2). The draw is fold_in(rng, 0)'s.
   abar = cdm.abar_grid(SCHEDULE, T)
   s, num_levels = 0.6, 256
   k = jax.random.randint(jax.random.PRNGKey(0), (4, 3, 3, 1), 0, num_levels)
   rng = jax.random.PRNGKey(1)
-  nats, bpd = jax.jit(functools.partial(cdm.one_step_nll_bpd, gaussian_logits_fn(abar, s),
-                                        num_levels=num_levels))(k, rng=rng)
-  y = likelihood.dequantize(rng, k, num_levels)
-  np.testing.assert_allclose(nats, -normal_log_density(y, s**2), rtol=1e-5)
-  np.testing.assert_allclose(bpd, np.asarray(nats) / (9 * math.log(2)) + 7.0, rtol=1e-6)
+  nats, extras = jax.jit(functools.partial(cdm.one_step_nll, logits_fn=gaussian_logits_fn(abar, s),
+                                           num_levels=num_levels))(rng, k=k)
+  y = likelihood.dequantize(jax.random.split(jax.random.fold_in(rng, 0))[0], k, num_levels)
+  density_nats = -normal_log_density(y, s**2)
+  np.testing.assert_allclose(nats, density_nats + 9 * math.log(128.0), rtol=1e-5)
+  bpd = likelihood.nats_to_bpd(nats, 9)
+  np.testing.assert_allclose(bpd, density_nats / (9 * math.log(2)) + 7.0, rtol=1e-6)
+  np.testing.assert_array_equal(extras["nfe"], np.ones(4, np.int32))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -662,7 +666,7 @@ def test_empty_batches_and_examples_are_refused():
   with pytest.raises(ValueError, match="x must hold at least one example"):
     cdm.one_step_log_density(fn, empty)
   with pytest.raises(ValueError, match="k must hold at least one example"):
-    cdm.one_step_nll_bpd(fn, jnp.zeros((0, 3), jnp.int32), num_levels=4, rng=jax.random.PRNGKey(0))
+    cdm.one_step_nll(jax.random.PRNGKey(0), fn, jnp.zeros((0, 3), jnp.int32), num_levels=4)
   with pytest.raises(ValueError, match="x must hold at least one dimension"):
     cdm.std_normal_log_density(jnp.zeros((4, 0)))
   with pytest.raises(ValueError, match="logits must have shape"):
@@ -670,6 +674,6 @@ def test_empty_batches_and_examples_are_refused():
   with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
     cdm.sample_classes(jax.random.PRNGKey(0), 0, T + 2)
   with pytest.raises(ValueError, match="k must hold levels"):
-    cdm.one_step_nll_bpd(fn, jnp.full((2, 3), 4, jnp.int32), num_levels=4, rng=jax.random.PRNGKey(0))
+    cdm.one_step_nll(jax.random.PRNGKey(0), fn, jnp.full((2, 3), 4, jnp.int32), num_levels=4)
   with pytest.raises(ValueError, match="x holds NaN"):
     cdm.one_step_log_density(fn, _X.at[1, 2].set(jnp.nan))

@@ -138,8 +138,10 @@ def test_nfe_matches_counted_denoiser_calls():
     assert int(nfe[0]) == len(calls), (solver, int(nfe[0]), len(calls))
 
 
-def test_ode_nll_bpd_convention():
-  # bpd = -log p(y) / (D ln 2) + log2(K / 2) on y = dequantize(k) (docs/math.md sec. 4, 6), with the same keys.
+def test_ode_nll_convention():
+  # nats = -log p(y) + D log(K / 2) on y = dequantize(k), so bpd = nats_to_bpd(nats, D) =
+  # -log p(y) / (D ln 2) + log2(K / 2) (docs/math.md sec. 4, 6), with the same keys (draw 0 uses
+  # split(fold_in(rng, 0))).
   k_levels, d = 16, 3
   eps_fn = gaussian_denoiser(LINEAR, np.zeros(d), 0.3 * np.eye(d))
   k = jax.random.randint(jax.random.PRNGKey(0), (2, d), 0, k_levels)
@@ -147,13 +149,14 @@ def test_ode_nll_bpd_convention():
 
   @jax.jit
   def run(k):
-    bpd, nfe = ode.ode_nll_bpd(rng, eps_fn, LINEAR, k, num_levels=k_levels)
-    rng_u, rng_p = jax.random.split(rng)
+    nats, extras = ode.ode_nll(rng, eps_fn, LINEAR, k, num_levels=k_levels)
+    rng_u, rng_p = jax.random.split(jax.random.fold_in(rng, 0))
     y = likelihood.dequantize(rng_u, k, k_levels)
-    logp, _ = ode.ode_log_likelihood(rng_p, eps_fn, LINEAR, y)
-    return bpd, nfe, logp, y
+    logp, nfe = ode.ode_log_likelihood(rng_p, eps_fn, LINEAR, y)
+    return likelihood.nats_to_bpd(nats, d), extras["nfe"], logp, y, nfe
 
-  bpd, nfe, logp, y = run(k)
+  bpd, nfe, logp, y, direct_nfe = run(k)
+  np.testing.assert_array_equal(nfe, direct_nfe)
   np.testing.assert_allclose(bpd, -logp / (d * math.log(2)) + math.log2(k_levels / 2), rtol=1e-6)
   # y lies in k's bin: |y - x| <= Delta / 2.
   assert np.all(np.abs(np.asarray(y - likelihood.encode(k, k_levels))) <= 1.0 / k_levels + 1e-6)

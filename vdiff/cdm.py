@@ -20,6 +20,8 @@ E[eps | x_t = x] = -sqrt(1 - abar_t) grad log p_{x_t}(x) (Tweedie). The logits n
 every formula uses differences of logits, in which log-softmax's log-sum-exp cancels.
 
 Every function is pure and jit-able and returns per-example values [B] in nats; the caller reduces.
+`one_step_nll` follows the return convention of `vdiff.likelihood` (rng first, (nats [B] bounding the
+discrete -log P(k), extras with "nfe")).
 A `logits_fn` is any callable z [B, ...] -> logits [B, T + 2] whose examples are independent (no
 batch statistics), e.g. `functools.partial(model.apply, {'params': params})`.
 
@@ -38,6 +40,7 @@ significant digits of sigma_1^2; it only affects the smallest noise level, whose
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable
 
 import jax
@@ -51,6 +54,9 @@ from vdiff import schedules as schedules_lib
 Array = jax.Array
 LogitsFn = Callable[[Array], Array]
 EpsFn = Callable[[Array, Array], Array]
+
+# How `one_step_nll` turns the one-step density into a bound on the discrete -log P(k).
+DEQUANTIZATIONS = ("uniform", "forward")
 
 
 def _bcast(a: Array, x: Array) -> Array:
@@ -334,7 +340,7 @@ def log_density(logits: Array, x: Array, t: Array = 0, *,
 
   t = 0 gives the data density log p(x) in one network evaluation. The number of classes is read from
   logits; `class_prior` must be the prior the classifier was trained with (uniform by default).
-  This is a continuous density: for K-level data evaluate it on dequantised data (`one_step_nll_bpd`).
+  This is a continuous density: for K-level data evaluate it on dequantised data (`one_step_nll`).
 
   Args:
     logits: [B, T + 2], f(x). x: [B, ...] the point the logits were computed at.
@@ -359,25 +365,78 @@ def one_step_log_density(logits_fn: LogitsFn, x: Array, *,
   return log_density(logits_fn(x), x, 0, class_prior=class_prior)
 
 
-def one_step_nll_bpd(logits_fn: LogitsFn, k: Array, *, num_levels: int, rng: Array,
-                     class_prior: Array | None = None) -> tuple[Array, Array]:
-  """One-step CDM negative log-likelihood of K-level integer data, in nats and bits/dim.
+def one_step_nll(rng: Array, logits_fn: LogitsFn, k: Array, *, num_levels: int,
+                 dequantization: str = "uniform", num_samples: int = 1, abar: Array | None = None,
+                 class_prior: Array | None = None) -> tuple[Array, dict[str, Array]]:
+  """One-step CDM negative log-likelihood of K-level data: an upper bound on -log P(k) in nats.
 
-  Convention (docs/math.md sec. 4, `vdiff.likelihood`): k is encoded to bin centres in (-1, 1) and uniformly
-  dequantised, y = x + Delta (u - 1/2), u ~ U[0, 1)^D, Delta = 2 / K (one draw of u per call). Then
+  Return convention of `vdiff.likelihood` (module docstring): (nats [B], extras), nats bounding the
+  discrete -log P(k) in expectation, bits/dim = `likelihood.nats_to_bpd(nats, D)`. m = num_samples
+  draws per example, each one network evaluation (CDM Thm 3.2, arXiv:2402.10095):
 
-      nats = -log p(y)                                  (a continuous density on [-1, 1]^D),
-      bpd  = nats / (D ln 2) + log2(K / 2)              (`likelihood.nats_to_bpd(..., num_levels=K)`),
-
-  and the expectation over u of bpd upper-bounds -log2 P(k) / D (dequantisation bound; +7 bits/dim for
-  K = 256). The published CDM code skips dequantisation; numbers from it are not comparable.
+    dequantization="uniform": class 0, the data density, on uniformly dequantised y_j = x + Delta (u_j - 1/2)
+        nats = -log (1/m) sum_j p(y_j) + D log(K / 2)
+      (`likelihood.uniform_dequantization_bound` folded with -D log Delta, Delta = 2 / K; +7 bits/dim
+      for K = 256 are inside nats). The published CDM code skips dequantisation; numbers from it are
+      not comparable.
+    dequantization="forward": class 1 with the K-level decoder at abar_1 (needs `abar`)
+        nats = -log (1/m) sum_j p_1(z_j) p(k | z_j) / q(z_j | k),  z_j ~ q(z | k) = N(sqrt(abar_1) x,
+                                                                    (1 - abar_1) I),
+      with p_1 the density of class 1 (Thm 3.2 at t = 1): minus `likelihood.forward_dequantization_bound`.
 
   Args:
-    logits_fn: y [B, ...] -> logits [B, T + 2]. k: int [B, ...] levels in {0..K-1}.
-    num_levels: K. rng: PRNG key for the dequantisation noise. class_prior: as in `log_density`.
+    rng: PRNG key (draw j uses fold_in(rng, j)).
+    logits_fn: y [B, ...] -> logits [B, T + 2].
+    k: int [B, ...] levels in {0..K-1}.
+    num_levels: K.
+    dequantization: "uniform" or "forward".
+    num_samples: m >= 1 importance-weighted draws (log-mean-exp; tighter as m grows).
+    abar: the class grid [T + 2] (`class_grid`); required for "forward" (its abar_1).
+    class_prior: as in `log_density` (the prior the classifier was trained with).
   Returns:
-    (nats [B], bpd [B]).
+    (nats [B], {"nfe": int32 [B], network evaluations per example (= m)}).
   """
+  if dequantization not in DEQUANTIZATIONS:
+    raise ValueError(f"dequantization must be one of {DEQUANTIZATIONS}, got {dequantization!r}.")
+  checks.levels(k, "k", num_levels)
+  checks.batch(k, "k", min_rank=1, floating=False)
+  ones = jnp.ones(k.shape[:1], jnp.int32)  # one classifier evaluation per draw
+  if dequantization == "uniform":
+    logp, nfe = likelihood.uniform_dequantization_bound(
+        rng, lambda r, y: (one_step_log_density(logits_fn, y, class_prior=class_prior), ones), k,
+        num_levels=num_levels, num_samples=num_samples)
+    num_dims = math.prod(k.shape[1:])
+    return likelihood.uniform_dequantization_nats(logp, num_dims, num_levels), {"nfe": nfe}
+  if abar is None:
+    raise ValueError("one_step_nll(dequantization='forward') needs abar, the class grid [T + 2] "
+                     "(its abar_1 sets q(z | k) and the decoder).")
+  abar = _check_abar(abar)
+  # q and the decoder use the gamma of the class-1 grid point exactly as the classifier saw it in
+  # training: x_1 = sqrt(abar_1) x + sqrt(1 - abar_1) eps with the float32 abar_1.
+  gamma_1 = schedules_lib.gamma_from_alpha2(abar[1])
+  bound, nfe = likelihood.forward_dequantization_bound(
+      rng, lambda r, z: (log_density(logits_fn(z), z, 1, class_prior=class_prior), ones), k,
+      num_levels=num_levels, gamma=gamma_1, num_samples=num_samples)
+  return -bound, {"nfe": nfe}
+
+
+def one_step_nll_bpd(logits_fn: LogitsFn, k: Array, *, num_levels: int, rng: Array,
+                     class_prior: Array | None = None) -> tuple[Array, Array]:
+  """Deprecated: use `one_step_nll(rng, logits_fn, k, num_levels=K)`, whose nats give bits/dim through
+  `likelihood.nats_to_bpd(nats, D)`.
+
+  The old return values, unchanged: one uniform dequantisation y = dequantize(rng, k) (the key used
+  directly, where `one_step_nll` draws from fold_in(rng, 0)), and
+
+      nats = -log p(y)                                  (a continuous density on [-1, 1]^D),
+      bpd  = nats / (D ln 2) + log2(K / 2).
+
+  Returns:
+    (nats [B] of the density, bpd [B]).
+  """
+  warnings.warn("cdm.one_step_nll_bpd is deprecated; use cdm.one_step_nll(rng, logits_fn, k, "
+                "num_levels=K), which returns (nats [B], {'nfe': [B]}) with bits/dim = "
+                "likelihood.nats_to_bpd(nats, D).", DeprecationWarning, stacklevel=2)
   checks.levels(k, "k", num_levels)
   checks.batch(k, "k", min_rank=1, floating=False)
   y = likelihood.dequantize(rng, k, num_levels)

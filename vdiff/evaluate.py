@@ -1,12 +1,15 @@
 """Evaluation: the three NLL estimators, compiled once, masked, resumable and at full float32 precision.
 
-Estimators (`ESTIMATORS`), each (params, rng, batch) -> (per-example nats [B], nfe [B]):
+Estimators (`ESTIMATORS`), each (params, rng, batch) -> (per-example nats [B], nfe [B]), the nats an
+upper bound on the discrete -log P(k) (the return convention of `vdiff.likelihood`), so that bits/dim
+are `likelihood.nats_to_bpd(nats, D)` for all three:
 
   elbo  VDM / DiffEnc negative ELBO, `eval.num_time_samples` Monte-Carlo time draws averaged per image:
         a discrete bound on -log P(k) (docs/math.md sec. 2).
   cdm   CDM one-step density (Thm 3.2), `eval.num_dequantization_samples` draws per image, with
-        `eval.dequantization` = uniform (class 0, a density on uniformly dequantised data, + log2(K/2))
-        or forward (class 1 with the K-level decoder at abar_1: a discrete bound, no offset).
+        `eval.dequantization` = uniform (class 0, a density on uniformly dequantised data, its
+        D log(K/2) folded into the nats: + log2(K/2) bits/dim) or forward (class 1 with the K-level
+        decoder at abar_1: a discrete bound, no offset).
   ode   probability-flow ODE (docs/math.md sec. 6), any family whose flow is the plain diffusion, with
         the same two dequantisations (forward: the ODE from `eval.ode_t0` to 1 and the decoder at t0).
 
@@ -167,8 +170,13 @@ def _condition(model, batch, condition: str):
 
 def make_nll_fn(model, estimator: str, eval_cfg):
   """(params, rng, batch) -> (per-example NLL in nats [B], nfe per example [B]) for the chosen estimator,
-  and whether the nats are of a density on dequantised data (True: bits/dim add log2(K/2)) or a
-  discrete bound on -log P(k) (False).
+  and whether it bounds -log P(k) through a density on uniformly dequantised data (True) or directly
+  (False: the ELBO, or forward dequantisation).
+
+  The nats are always an upper bound on the discrete -log P(k) (the return convention of
+  `vdiff.likelihood`: a uniformly dequantised density's nats include D log(K / 2)), so bits/dim are
+  `likelihood.nats_to_bpd(nats, D)` either way; the flag only labels the convention (eval.json's
+  "discrete_bound", the convention sentence and the printed summary).
 
   batch = {"image": int [B, ...], "label": int [B], optionally "index": int [B]} (the examples' indices
   in the split; the ODE draws its noise per example from fold_in(rng, index), so its results do not
@@ -195,13 +203,10 @@ def make_nll_fn(model, estimator: str, eval_cfg):
         # example's index only.
         eps_fn = model.eps_fn(params, label_i[None] if model.num_labels else None)
         r = jax.random.fold_in(rng, idx)
-        if s.dequantization == "forward":
-          logp, nfe = ode.ode_forward_bound(r, eps_fn, schedule, k_i[None], num_levels=model.num_levels,
-                                            t0=float(s.ode_t0), num_samples=m, **ode_kw)
-        else:
-          logp, nfe = ode.ode_uniform_bound(r, eps_fn, schedule, k_i[None], num_levels=model.num_levels,
-                                            num_samples=m, **ode_kw)
-        return -logp[0], nfe[0]
+        t0 = float(s.ode_t0) if s.dequantization == "forward" else 0.0
+        nats, extras = ode.ode_nll(r, eps_fn, schedule, k_i[None], num_levels=model.num_levels,
+                                   dequantization=s.dequantization, t0=t0, num_samples=m, **ode_kw)
+        return nats[0], extras["nfe"][0]
 
       return jax.vmap(one)(index, k, labels)
 
@@ -348,7 +353,10 @@ class Evaluator:
     desc = {"settings": dataclasses.asdict(self.settings), "split": split, "step": int(step),
             "num_examples": num, "batch_size": self.batch_size, "unit": self._unit(),
             "data": [getattr(ds, "name", None), int(ds.num_levels), list(ds.images.shape[1:])],
-            "rng": np.asarray(jax.random.key_data(rng)).tolist(), "params": _fingerprint(params)}
+            "rng": np.asarray(jax.random.key_data(rng)).tolist(), "params": _fingerprint(params),
+            # The rows' nats bound -log P(k) (a dequantised density's D log(K/2) included); rows written
+            # when they held the density's -log p(y) have other keys and are never resumed from.
+            "nats": "discrete_bound"}
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16]
 
   def _unit(self) -> int:
@@ -424,8 +432,7 @@ class Evaluator:
     nats = np.concatenate(nats_all) if nats_all else np.zeros((0,))
     nfe = np.concatenate(nfe_all) if nfe_all else np.zeros((0,))
     n = len(nats)
-    bpd = np.asarray(likelihood.nats_to_bpd(
-        nats, model.num_dims, num_levels=model.num_levels if self.dequantized else None), np.float64)
+    bpd = np.asarray(likelihood.nats_to_bpd(nats, model.num_dims), np.float64)
     result = {
         "step": int(step), "split": split, "estimator": s.estimator,
         "bpd": float(bpd.mean()), "bpd_stderr": float(bpd.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0,

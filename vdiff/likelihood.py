@@ -11,6 +11,30 @@ Conventions (docs/math.md section 0):
     log P(k) >= E_u[log p(y)] + D log Delta, so its bits/dim are -E_u[log p(y)] / (D ln 2) + log2(K / 2).
   * Forward-process dequantisation (`forward_dequantization_bound`) turns any density p_t0 of z_t0 into a
     discrete bound with the K-level decoder, comparable with the VDM ELBO: no offset.
+
+Return convention of the public likelihood functions (`vdm.negative_elbo`, `diffenc.negative_elbo`,
+`cdm.one_step_nll`, `ode.ode_nll`, and the families' `nll` in `vdiff.models`):
+
+    fn(rng, <model: eps_fn / logits_fn, schedule, ...>, <data>, *, num_levels=K, <keyword-only
+       hyperparameters>) -> (nats [B], extras: dict)
+
+  * rng first, then the model, then the data k (K-level integers); every hyperparameter keyword-only.
+    (The ELBOs take the encoding x = encode(k) second and their model, schedule and eps_fn, by keyword.)
+  * nats: per example, an upper bound (in expectation over the function's random draws) on the
+    DISCRETE negative log-likelihood -log P(k), in nats:
+      - ELBO: the negative ELBO;
+      - forward dequantisation: minus `forward_dequantization_bound`;
+      - uniform dequantisation: -log p(y) + D log(K / 2), i.e. the density's -log p(y) with the
+        -D log Delta of the dequantisation bound folded in (`uniform_dequantization_nats`).
+    So bits/dim are always `nats_to_bpd(nats, D)`, with no num_levels offset.
+  * extras: a dict of per-example values; at least {"nfe": int32 [B]}, the network evaluations per
+    example (summed over the dequantisation draws) for the one-step and ODE estimators; the ELBO's
+    extras are its terms {"prior", "recon", "diff"} (one network evaluation per call).
+
+`forward_dequantization_bound` and `uniform_dequantization_bound` are the low-level building blocks in
+log space (a lower bound on log P(k), and a log-density on [-1, 1]^D) from which these are built.
+`cdm.one_step_nll_bpd`, `ode.ode_nll_bpd`, `ode.ode_forward_bound` and `ode.ode_uniform_bound` are
+deprecated aliases (a DeprecationWarning names the replacement) that keep their old return values.
 """
 
 from __future__ import annotations
@@ -57,6 +81,20 @@ def dequantization_offset_bpd(num_levels: int) -> float:
   return math.log2(num_levels / 2.0)
 
 
+def uniform_dequantization_nats(log_p: Array, num_dims: int, num_levels: int) -> Array:
+  """-log p(y) + D log(K / 2): a log-density on uniformly dequantised data in [-1, 1]^D as nats of the
+  discrete bound log P(k) >= E_u log p(y) + D log Delta, Delta = 2 / K (docs/math.md sec. 4).
+
+  Args:
+    log_p: log p(y) [B] in nats. num_dims: D. num_levels: K.
+  Returns:
+    nats [B] whose `nats_to_bpd(nats, D)` is -log p(y) / (D ln 2) + log2(K / 2).
+  """
+  if num_levels < 2:
+    raise ValueError(f"num_levels must be >= 2, got {num_levels}.")
+  return -jnp.asarray(log_p, jnp.float32) + num_dims * math.log(num_levels / 2.0)
+
+
 def nats_to_bpd(nats: Array, num_dims: int, *, num_levels: int | None = None) -> Array:
   """The one conversion of a negative log-likelihood in nats per example to bits per dimension.
 
@@ -64,10 +102,11 @@ def nats_to_bpd(nats: Array, num_dims: int, *, num_levels: int | None = None) ->
       bpd = nats / (D ln 2) + log2(K / 2)        (num_levels=K: nats = -log p(y) of a density on
                                                   uniformly dequantised data in [-1, 1]^D)
 
-  The second form is the dequantisation bound log P(k) >= E_u log p(y) + D log(2 / K) (docs/math.md sec. 4).
-  It is the convention of the CDM one-step and ODE estimators. Conventions elsewhere differ: score_sde
-  scales data to [0, 1] with 256 bins (same offset, log2 256 with x in [0,1]), while others use
-  [0, 255/256] and get log2(256/255) bits/dim less.
+  The second form is the dequantisation bound log P(k) >= E_u log p(y) + D log(2 / K) (docs/math.md sec. 4)
+  for nats = -log p(y) of a density. The public likelihood functions (`cdm.one_step_nll`, `ode.ode_nll`,
+  the ELBOs; see the module docstring) already fold D log(K / 2) into their nats and use the first form.
+  Conventions elsewhere differ: score_sde scales data to [0, 1] with 256 bins (same offset, log2 256
+  with x in [0,1]), while others use [0, 255/256] and get log2(256/255) bits/dim less.
 
   Args:
     nats: negative log-likelihood per example, any shape.
@@ -187,7 +226,8 @@ def forward_dequantization_bound(rng: Array, log_density_fn: LogDensityFn, k: Ar
     gamma: scalar gamma of q and of the decoder (gamma(t0) for the ODE).
     num_samples: m >= 1, draws per example (sequential, so memory does not grow with m).
   Returns:
-    (lower bound on log P(k) [B] in nats, nfe [B] summed over the m draws).
+    (lower bound on log P(k) [B] in nats, nfe [B] summed over the m draws); `cdm.one_step_nll` and
+    `ode.ode_nll` return minus it as nats (the return convention of the module docstring).
   Reference: Kingma et al. 2021, arXiv:2107.00630 (the decoder); Song et al. 2021, arXiv:2101.09258
   and Zheng et al. 2023, arXiv:2305.03935 (variational / truncated-normal dequantisation of the ODE).
   """
@@ -211,8 +251,9 @@ def uniform_dequantization_bound(rng: Array, log_density_fn: LogDensityFn, k: Ar
 
   Uniform dequantisation is the same bound with q(y | k) uniform on k's bin (q = Delta^-D) and the
   decoder the bin indicator: log P(k) >= E log (1/m) sum_j p(y_j) + D log Delta, tighter as m grows
-  (m = 1: the plain E_u log p(y)). The returned value is a log-density on [-1, 1]^D: convert it with
-  `nats_to_bpd(-value, D, num_levels=K)`, which adds the D log Delta as + log2(K / 2) bits/dim.
+  (m = 1: the plain E_u log p(y)). The returned value is a log-density on [-1, 1]^D:
+  `uniform_dequantization_nats(value, D, K)` turns it into nats of the discrete bound (the return
+  convention of the module docstring), equivalently `nats_to_bpd(-value, D, num_levels=K)` bits/dim.
 
   Args:
     rng: PRNG key (draw j uses fold_in(rng, j), split into u and log_density_fn's key).

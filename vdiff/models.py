@@ -5,7 +5,7 @@ pure functions of a parameter pytree:
 
   init(rng)                                  -> params
   loss(params, rng, batch, *, train)         -> (per-example loss [B] in nats, {name: [B]})
-  nll(params, rng, batch)                    -> (per-example NLL [B] in nats, bits/dim convention)
+  nll(params, rng, batch)                    -> (per-example NLL [B] in nats bounding -log P(k), extras)
   eps_fn(params, label=None)                 -> a denoiser eps_fn(z, t) for every sampler
   sample(params, rng, num, *, ...)           -> integer samples [num, H, W, C]
 
@@ -71,10 +71,12 @@ class FamilyProtocol(Protocol):
 
   Attributes:
     family_name: a label for messages and logs.
-    native_estimator: the eval.estimator name under which `nll` is used ("elbo" for a bound on
-      -log P(k) of the discrete data, "cdm" for a density on dequantised data).
-    dequantized: True if `nll` is -log p(y) of uniformly dequantised y (bits/dim then carry + log2(K/2),
-      `likelihood.nats_to_bpd`), False if it bounds -log P(k) directly.
+    native_estimator: the eval.estimator name under which `nll` is used ("elbo" for the negative ELBO,
+      "cdm" for the CDM one-step estimator).
+    dequantized: True if `nll` bounds -log P(k) through a density on uniformly dequantised data (its
+      nats include the D log(K / 2) of the dequantisation bound), False if it bounds -log P(k)
+      directly (an ELBO). It only labels the convention in eval.json and the printed line: either way
+      bits/dim are `likelihood.nats_to_bpd(nats, D)`.
     nfe_per_sample: network evaluations per image of one `nll` call (reported as nfe).
     supports_ode: whether the probability-flow ODE of `eps_fn` and `schedule` describes the model.
     grid_steps: length of the discrete time grid DDIM sub-samples (1000 for continuous time).
@@ -105,7 +107,9 @@ class FamilyProtocol(Protocol):
     "bpd" term is given)."""
 
   def nll(self, params: Params, rng: Array, batch: dict) -> tuple[Array, Any]:
-    """(per-example negative log-likelihood [B] in nats under the `dequantized` convention, extras)."""
+    """(nats [B], extras): per example an upper bound (in expectation) on the discrete -log P(k) of
+    batch["image"] in nats, whatever `dequantized` says (a density on dequantised data folds in
+    D log(K / 2): the return convention of `vdiff.likelihood`), and extras (a dict, or None)."""
 
   def eps_fn(self, params: Params, label: Array | None = None) -> Callable[[Array, Array], Array]:
     """The denoiser eps_fn(z [B, H, W, C], t [B]) -> eps_hat [B, H, W, C] of these parameters, label
@@ -422,7 +426,7 @@ class CDMFamily(Family):
 
   family_name = "cdm"
   native_estimator = "cdm"
-  dequantized = True      # a density on dequantised data: bits/dim carry the + log2(K/2) offset
+  dequantized = True      # a density on dequantised data (nll folds in its D log(K / 2))
   nfe_per_sample = 1      # one classifier evaluation per image
 
   def __init__(self, *, data_shape, num_levels: int, num_labels: int = 0, num_steps: int = 1000,
@@ -482,37 +486,26 @@ class CDMFamily(Family):
     logits_fn = self.logits_fn(params, self._labels(r_lab, batch, train), train=train, rng=r_drop)
     return cdm.loss(r_loss, y, logits_fn, self.abar, w_ce=self.w_ce)
 
-  DEQUANTIZATIONS = ("uniform", "forward")
+  DEQUANTIZATIONS = cdm.DEQUANTIZATIONS
 
   def nll(self, params, rng, batch, *, dequantization: str = "uniform", num_samples: int = 1):
-    """One-step NLL in nats (CDM Thm 3.2), one network evaluation per draw, conditioned on
-    batch["label"] (the null label gives the unconditional density).
+    """One-step NLL (CDM Thm 3.2), one network evaluation per draw, conditioned on batch["label"] (the
+    null label gives the unconditional density): `cdm.one_step_nll` with this family's class grid.
 
-    dequantization="uniform": -log (1/m) sum_j p(y_j) of m uniformly dequantised copies y_j (class 0,
-      the data density): a density on [-1, 1]^D, + log2(K / 2) bits/dim.
+    dequantization="uniform": -log (1/m) sum_j p(y_j) + D log(K / 2) of m uniformly dequantised copies
+      y_j (class 0, the data density).
     dequantization="forward": -log (1/m) sum_j p_1(z_j) p(k | z_j) / q(z_j | k), z_j ~ q(z | k) =
       N(sqrt(abar_1) x, (1 - abar_1) I), with p_1 the density of class 1 (Thm 3.2 at t = 1) and p(k | z)
-      the K-level decoder at abar_1: an upper bound on -log P(k) with no offset
-      (`likelihood.forward_dequantization_bound`).
-    Returns (nats [B], None).
+      the K-level decoder at abar_1 (`likelihood.forward_dequantization_bound`).
+    Both are upper bounds on -log P(k) (bits/dim = `likelihood.nats_to_bpd(nats, D)`).
+    Returns (nats [B], {"nfe": int32 [B]}).
     """
     if dequantization not in self.DEQUANTIZATIONS:
       raise ValueError(f"eval.dequantization must be one of {self.DEQUANTIZATIONS}, got "
                        f"{dequantization!r}.")
     logits_fn = self.logits_fn(params, self._labels(None, batch, train=False))
-    ones = jnp.ones(batch["image"].shape[:1], jnp.int32)
-    if dequantization == "uniform":
-      logp, _ = likelihood.uniform_dequantization_bound(
-          rng, lambda r, y: (cdm.one_step_log_density(logits_fn, y), ones), batch["image"],
-          num_levels=self.num_levels, num_samples=num_samples)
-      return -logp, None
-    # q and the decoder use the gamma of the class-1 grid point exactly as the classifier saw it in
-    # training: x_1 = sqrt(abar_1) x + sqrt(1 - abar_1) eps with the float32 abar_1.
-    gamma_1 = schedules_lib.gamma_from_alpha2(self.abar[1])
-    bound, _ = likelihood.forward_dequantization_bound(
-        rng, lambda r, z: (cdm.log_density(logits_fn(z), z, 1), ones), batch["image"],
-        num_levels=self.num_levels, gamma=gamma_1, num_samples=num_samples)
-    return -bound, None
+    return cdm.one_step_nll(rng, logits_fn, batch["image"], num_levels=self.num_levels,
+                            dequantization=dequantization, num_samples=num_samples, abar=self.abar)
 
 
 class DenoiserFamily(Family, abc.ABC):

@@ -1,10 +1,15 @@
 """The probability-flow ODE: drift, adaptive solver, transport and the ODE log-likelihood (docs/math.md
-sections 5 and 6), and the two ways to turn its density into bits/dim of K-level data:
+sections 5 and 6), and `ode_nll`, the negative log-likelihood of K-level data with the two ways to
+turn the ODE's density into a bound on the discrete -log P(k):
 
-  * uniform dequantisation (`ode_nll_bpd`, `ode_uniform_bound`): a continuous density on [-1, 1]^D,
-    + log2(K / 2) bits/dim;
-  * forward-process dequantisation (`ode_forward_bound`): a discrete bound on log P(k) with the K-level
-    decoder at t0, comparable with the VDM ELBO (`vdiff.likelihood.forward_dequantization_bound`).
+  * uniform dequantisation: the density on [-1, 1]^D of uniformly dequantised data, with the
+    D log(K / 2) of the dequantisation bound folded into the nats (`likelihood.uniform_dequantization_bound`);
+  * forward-process dequantisation: a discrete bound with the K-level decoder at t0, comparable with the
+    VDM ELBO (`likelihood.forward_dequantization_bound`).
+
+`ode_nll` follows the return convention of `vdiff.likelihood` (module docstring): rng first,
+(nats [B], {"nfe": [B]}), bits/dim = `likelihood.nats_to_bpd(nats, D)`. `ode_nll_bpd`,
+`ode_forward_bound` and `ode_uniform_bound` are deprecated aliases with their old return values.
 
 Every function is pure and jit-able and takes any denoiser eps_fn(z, t) and `Schedule`.
 Reference: Song et al. 2021, arXiv:2011.13456 (probability flow, eq. (13), appendix D.2).
@@ -13,6 +18,7 @@ Reference: Song et al. 2021, arXiv:2011.13456 (probability flow, eq. (13), appen
 from __future__ import annotations
 
 import math
+import warnings
 
 import diffrax
 import jax
@@ -32,6 +38,7 @@ Array = jax.Array
 ODE_SOLVERS = {"dopri5": diffrax.Dopri5, "tsit5": diffrax.Tsit5}
 _NEW_EVALS_PER_STEP = 6
 DIVERGENCES = ("hutchinson", "exact")
+DEQUANTIZATIONS = ("uniform", "forward")
 
 
 def probability_flow_drift(eps_fn, schedule):
@@ -137,7 +144,7 @@ def ode_log_likelihood(rng, eps_fn, schedule, x, *, divergence: str = "hutchinso
     rng: PRNG key (the probe).
     eps_fn: the model's denoiser.
     schedule: the model's noise schedule.
-    x: [B, ...] points (float32; for K-level data dequantise first, see `ode_nll_bpd`).
+    x: [B, ...] points (float32; for K-level data dequantise first, see `ode_nll`).
     divergence: "hutchinson" or "exact".
     rtol: relative tolerance of the PID controller (1e-5 as in score SDE).
     atol: absolute tolerance of the PID controller (1e-5 as in score SDE).
@@ -186,33 +193,6 @@ def ode_log_likelihood(rng, eps_fn, schedule, x, *, divergence: str = "hutchinso
   return jax.vmap(one)(x, probes)
 
 
-def ode_nll_bpd(rng, eps_fn, schedule, k, *, num_levels: int, **kwargs):
-  """Bits/dim of K-level data under the probability-flow ODE density, one dequantisation sample:
-
-      bpd = -log p_0(y) / (D ln 2) + log2(K / 2),   y = x + Delta (u - 1/2), u ~ U[0, 1)^D,
-
-  the dequantisation bound log P(k) >= E_u log p(y) + D log Delta with Delta = 2 / K on [-1, 1]
-  (docs/math.md sec. 4 and 6; `likelihood.nats_to_bpd(..., num_levels=K)`). Average over examples (and over u draws)
-  at the call site; the average bounds the discrete bits/dim from above in expectation.
-
-  Args:
-    rng: PRNG key (split into the dequantisation noise and the Hutchinson probe).
-    eps_fn: the model's denoiser.
-    schedule: the model's noise schedule.
-    k: [B, ...] integer levels in {0..K-1}.
-    num_levels: K.
-    **kwargs: passed to `ode_log_likelihood` (divergence, rtol, atol, t0, t1, solver, max_steps).
-  Returns:
-    (bpd [B], nfe int32 [B]).
-  """
-  rng_u, rng_probe = jax.random.split(rng)
-  y = likelihood.dequantize(rng_u, k, num_levels)
-  logp, nfe = ode_log_likelihood(rng_probe, eps_fn, schedule, y, **kwargs)
-  num_dims = int(np.prod(y.shape[1:]))
-  return likelihood.nats_to_bpd(-logp, num_dims, num_levels=num_levels), nfe
-
-
-
 def _check_t0(t0: float) -> float:
   t0 = float(t0)
   if not 0.0 <= t0 < 1.0:
@@ -220,46 +200,127 @@ def _check_t0(t0: float) -> float:
   return t0
 
 
-def ode_forward_bound(rng, eps_fn, schedule, k, *, num_levels: int, t0: float = 0.0,
-                      num_samples: int = 1, **kwargs):
-  """A discrete lower bound on log P(k) from the probability-flow ODE, dequantised by the forward process:
-
-      log P(k) >= E_{z ~ q(z_t0 | k)} [ log p_ODE,t0(z) + log p(k | z) - log q(z | k) ],
-
-  q(z_t0 | k) = N(alpha_t0 x, sigma_t0^2 I), p(k | z) the K-level decoder at gamma(t0) and p_ODE,t0 the
-  density of z_t0 under the probability flow from t0 to 1 with the prior N(0, I) at t = 1; with m =
-  num_samples draws the importance-weighted form log (1/m) sum_j w_j (derivation in
-  `vdiff.likelihood.forward_dequantization_bound`). t0 = 0 (default) is the schedule's gamma_min
-  end: the decoder and q are then those of the VDM ELBO, and both are discrete bounds on -log P(k).
-
-  Args:
-    rng: PRNG key. eps_fn, schedule: the model. k: [B, ...] integer levels. num_levels: K.
-    t0: the time of z (in [0, 1)). num_samples: m >= 1.
-    **kwargs: passed to `ode_log_likelihood` (divergence, rtol, atol, solver, max_steps).
-  Returns:
-    (lower bound on log P(k) [B] in nats, nfe int32 [B] summed over the m draws).
-  """
+def _log_bound(rng, eps_fn, schedule, k, *, num_levels: int, dequantization: str, t0: float,
+               num_samples: int, caller: str, **kwargs):
+  """The ODE's dequantisation bound in log space: (log value [B], nfe int32 [B]) of
+  `likelihood.forward_dequantization_bound` (forward) or `likelihood.uniform_dequantization_bound`
+  (uniform), with the probability flow from t0 to 1 as the density."""
+  if dequantization not in DEQUANTIZATIONS:
+    raise ValueError(f"dequantization must be one of {DEQUANTIZATIONS}, got {dequantization!r}.")
   t0 = _check_t0(t0)
   for key in ("t0", "t1"):
     if key in kwargs:
-      raise ValueError(f"ode_forward_bound integrates from t0 to 1; do not pass {key} in kwargs.")
+      raise ValueError(f"{caller} integrates from t0 to 1; pass t0 as its own argument, not {key} "
+                       "among the ode_log_likelihood keywords.")
+  if dequantization == "uniform":
+    if t0 != 0.0:
+      raise ValueError(f"{caller}: t0 = {t0} applies to dequantization='forward' only (uniform "
+                       "dequantisation evaluates the density of the data, at t0 = 0).")
+
+    def log_density_fn(r, y):
+      return ode_log_likelihood(r, eps_fn, schedule, y, **kwargs)
+
+    return likelihood.uniform_dequantization_bound(rng, log_density_fn, k, num_levels=num_levels,
+                                                   num_samples=num_samples)
   gamma_t0 = schedule.gamma(jnp.float32(t0))
 
-  def log_density_fn(r, z):
+  def log_density_fn(r, z):  # pylint: disable=function-redefined
     return ode_log_likelihood(r, eps_fn, schedule, z, t0=t0, t1=1.0, **kwargs)
 
   return likelihood.forward_dequantization_bound(rng, log_density_fn, k, num_levels=num_levels,
                                                  gamma=gamma_t0, num_samples=num_samples)
 
 
-def ode_uniform_bound(rng, eps_fn, schedule, k, *, num_levels: int, num_samples: int = 1, **kwargs):
-  """log (1/m) sum_j p_ODE,0(y_j) over m uniform dequantisations y_j of k, a log-density on [-1, 1]^D:
-  log P(k) >= E[this] + D log(2 / K) (`vdiff.likelihood.uniform_dequantization_bound`). m = 1 is
-  `ode_nll_bpd`'s bound.
+def ode_nll(rng, eps_fn, schedule, k, *, num_levels: int, dequantization: str = "uniform",
+            t0: float = 0.0, num_samples: int = 1, **ode_kwargs):
+  """Probability-flow ODE negative log-likelihood of K-level data: an upper bound on -log P(k) in nats.
+
+  Return convention of `vdiff.likelihood` (module docstring): (nats [B], {"nfe": [B]}), nats bounding
+  the discrete -log P(k) in expectation, bits/dim = `likelihood.nats_to_bpd(nats, D)`. With m =
+  num_samples draws per example (importance-weighted, log-mean-exp; tighter as m grows):
+
+    dequantization="uniform" (t0 = 0): y_j = x + Delta (u_j - 1/2), u_j ~ U[0, 1)^D, Delta = 2 / K,
+        nats = -log (1/m) sum_j p_ODE,0(y_j) + D log(K / 2)
+      the dequantisation bound log P(k) >= E_u log p(y) + D log Delta (docs/math.md sec. 4 and 6).
+    dequantization="forward": z_j ~ q(z_t0 | k) = N(alpha_t0 x, sigma_t0^2 I),
+        nats = -log (1/m) sum_j p_ODE,t0(z_j) p(k | z_j) / q(z_j | k),
+      p(k | z) the K-level decoder at gamma(t0) and p_ODE,t0 the density of z_t0 under the flow from t0
+      to 1 with the prior N(0, I) at t = 1 (derivation in `likelihood.forward_dequantization_bound`).
+      t0 = 0 is the schedule's gamma_min end, where the decoder and q are those of the VDM ELBO.
+
+  A Hutchinson divergence (the default) is unbiased in log p, so the m = 1 bound holds in
+  expectation; use divergence="exact" where a strict bound with m > 1 matters.
+
+  Args:
+    rng: PRNG key (draw j uses fold_in(rng, j), split into the dequantisation noise and the probe).
+    eps_fn: the model's denoiser.
+    schedule: the model's noise schedule.
+    k: [B, ...] integer levels in {0..K-1}.
+    num_levels: K.
+    dequantization: "uniform" or "forward".
+    t0: the time of z for "forward" (in [0, 1)); must be 0 for "uniform".
+    num_samples: m >= 1.
+    **ode_kwargs: passed to `ode_log_likelihood` (divergence, rtol, atol, solver, max_steps).
+  Returns:
+    (nats [B], {"nfe": int32 [B], vector-field evaluations per example summed over the m draws}).
+  Reference: Song et al. 2021, arXiv:2011.13456 (appendix D.2); Song et al. 2021, arXiv:2101.09258 and
+  Zheng et al. 2023, arXiv:2305.03935 (dequantisation of the ODE).
+  """
+  value, nfe = _log_bound(rng, eps_fn, schedule, k, num_levels=num_levels, dequantization=dequantization,
+                          t0=t0, num_samples=num_samples, caller="ode_nll", **ode_kwargs)
+  if dequantization == "forward":
+    return -value, {"nfe": nfe}
+  num_dims = int(np.prod(k.shape[1:]))
+  return likelihood.uniform_dequantization_nats(value, num_dims, num_levels), {"nfe": nfe}
+
+
+def _deprecated(old: str, new: str) -> None:
+  warnings.warn(f"ode.{old} is deprecated; use {new}, which returns (nats [B], {{'nfe': [B]}}) with "
+                "bits/dim = likelihood.nats_to_bpd(nats, D).", DeprecationWarning, stacklevel=3)
+
+
+def ode_nll_bpd(rng, eps_fn, schedule, k, *, num_levels: int, **kwargs):
+  """Deprecated: use `ode_nll(rng, eps_fn, schedule, k, num_levels=K)`.
+
+  The old return values, unchanged: one uniform dequantisation with (rng_u, rng_probe) = split(rng)
+  (`ode_nll` draws from split(fold_in(rng, 0)), so `ode_nll(rng, ...)` equals this at
+  fold_in(rng, 0)) and
+
+      bpd = -log p_0(y) / (D ln 2) + log2(K / 2),   y = x + Delta (u - 1/2), u ~ U[0, 1)^D.
+
+  Args:
+    **kwargs: passed to `ode_log_likelihood` (divergence, rtol, atol, t0, t1, solver, max_steps).
+  Returns:
+    (bpd [B], nfe int32 [B]).
+  """
+  _deprecated("ode_nll_bpd", "ode.ode_nll(rng, eps_fn, schedule, k, num_levels=K)")
+  rng_u, rng_probe = jax.random.split(rng)
+  y = likelihood.dequantize(rng_u, k, num_levels)
+  logp, nfe = ode_log_likelihood(rng_probe, eps_fn, schedule, y, **kwargs)
+  num_dims = int(np.prod(y.shape[1:]))
+  return likelihood.nats_to_bpd(-logp, num_dims, num_levels=num_levels), nfe
+
+
+def ode_forward_bound(rng, eps_fn, schedule, k, *, num_levels: int, t0: float = 0.0,
+                      num_samples: int = 1, **kwargs):
+  """Deprecated: use `ode_nll(..., dequantization="forward")`, whose nats are minus this bound.
 
   Returns:
-    (log-density [B] in nats, nfe int32 [B] summed over the m draws).
+    (lower bound on log P(k) [B] in nats, nfe int32 [B] summed over the m draws).
   """
+  _deprecated("ode_forward_bound", "ode.ode_nll(..., dequantization='forward')")
+  return _log_bound(rng, eps_fn, schedule, k, num_levels=num_levels, dequantization="forward", t0=t0,
+                    num_samples=num_samples, caller="ode_forward_bound", **kwargs)
+
+
+def ode_uniform_bound(rng, eps_fn, schedule, k, *, num_levels: int, num_samples: int = 1, **kwargs):
+  """Deprecated: use `ode_nll(..., dequantization="uniform")`, whose nats are -this + D log(K / 2).
+
+  Returns:
+    (log (1/m) sum_j p_ODE,0(y_j) [B], a log-density on [-1, 1]^D in nats; nfe int32 [B] summed over
+    the m draws).
+  """
+  _deprecated("ode_uniform_bound", "ode.ode_nll(..., dequantization='uniform')")
 
   def log_density_fn(r, y):
     return ode_log_likelihood(r, eps_fn, schedule, y, **kwargs)
