@@ -243,6 +243,18 @@ def add_gaps(entry: dict, ds, truth: np.ndarray | None) -> dict:
   return entry
 
 
+def add_paired_gap(entry: dict, bpd: np.ndarray, reference: np.ndarray | None, name: str) -> dict:
+  """The paired gap mean_i(bpd_i - ref_i) to another estimator of the same run on the same images (the
+  first len(bpd) test images, a prefix of the reference's), with its standard error over images."""
+  if reference is None or len(reference) < len(bpd):
+    return entry
+  diff = bpd - reference[:len(bpd)]
+  entry[f"paired_gap_to_{name}"] = float(diff.mean())
+  entry[f"paired_gap_to_{name}_stderr"] = (float(diff.std(ddof=1) / math.sqrt(len(diff)))
+                                           if len(diff) > 1 else 0.0)
+  return entry
+
+
 def subset(ds, n: int):
   n = min(n, len(ds)) if n else len(ds)
   return dataclasses.replace(ds, images=ds.images[:n], labels=ds.labels[:n])
@@ -284,6 +296,9 @@ def main(argv=None):
   parser.add_argument("--batch-size", type=int, default=500)
   parser.add_argument("--baselines", choices=("on", "off"), default="on")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--paired-to", default="",
+                      help="an estimator label of each run (e.g. elbo_k100): every other entry of that run "
+                           "also gets its paired gap to it on the same images")
   parser.add_argument("--out", default=None, help="also write the JSON here")
   args = parser.parse_args(argv)
 
@@ -366,11 +381,16 @@ def main(argv=None):
                      ode_fn(model, tol=args.ode_tol, divergence=args.ode_divergence,
                             dequantization=deq, num_samples=m, t0=args.ode_t0),
                      subset(ds, n_ode), args.ode_warmup == "on"))
+    per_image = {}  # label -> bits/dim per image, for --paired-to
     for label, meta, (fn, dequantized), sub, warm in jobs:
       print(f"[bench] {name}: {label} on {len(sub)} images ...", file=sys.stderr, flush=True)
       entry = run_estimator(fn, params, sub, batch_size=min(args.batch_size, len(sub)),
                             seed=args.seed, dequantized=dequantized,
                             warmup=warm, precision=args.precision)
+      per_image[label] = entry["per_image_bpd"]
+      if args.paired_to and label != args.paired_to:
+        entry = add_paired_gap(entry, entry["per_image_bpd"], per_image.get(args.paired_to),
+                               args.paired_to)
       entry = add_gaps(entry, sub, truth)
       doc["results"].append(dict(common, label=f"{name}/{label}", **meta, **entry))
       # Written after every estimator, marked partial: a slow ODE that is cut short loses nothing else.
