@@ -1,7 +1,9 @@
 """Markdown tables and PNG plots of likelihood results, from bench JSON files and run directories.
 
 Inputs:
-  --bench    comma-separated JSON files written by experiments/bench_likelihood.py (--out). Each carries
+  --bench    comma-separated JSON files written by experiments/bench_likelihood.py (--out); files joined
+             with "+" (runs of one benchmark on the same images, e.g. one command per model) make one
+             section and one plot. Each carries
              the command that produced it, its hardware, wall time and data; the run directories it
              evaluated are read too (metrics.jsonl, eval.json, config.json).
   --runs-info  optional JSON {run_dir: {"command": ..., "wall_seconds": ...}} describing how each run was
@@ -83,6 +85,25 @@ def _hardware_line(hw: dict) -> str:
   return (f"JAX {hw.get('jax')} on backend `{hw.get('jax_backend')}`, device `{hw.get('device')}` "
           f"(x{hw.get('device_count')}), CPU {hw.get('cpu_model')} with {hw.get('cpu_count')} cores "
           f"({hw.get('cpus_usable')} usable){load_s}; Python {hw.get('python')}, {hw.get('platform')}")
+
+
+def merge_bench(benches: list[dict]) -> dict:
+  """One bench document from several bench_likelihood runs on the same test images (e.g. one run per
+  model): their results in order, the commands joined with "; ", the wall times summed, the compressor
+  baselines of the first file that has them. The data (name, split, images, shape) must agree."""
+  first = benches[0]
+  keys = ("name", "split", "num_examples", "shape", "num_levels")
+  for b in benches[1:]:
+    mismatch = [k for k in keys if b["data"].get(k) != first["data"].get(k)]
+    if mismatch:
+      raise SystemExit(f"bench files joined with '+' must be on the same data; {mismatch} differ: "
+                       f"{[first['data'].get(k) for k in mismatch]} vs {[b['data'].get(k) for k in mismatch]}.")
+  merged = dict(first)
+  merged["results"] = [r for b in benches for r in b["results"]]
+  merged["command"] = "; ".join(b["command"] for b in benches)
+  merged["wall_seconds"] = sum(b.get("wall_seconds", 0.0) for b in benches)
+  merged["baselines"] = next((b["baselines"] for b in benches if b.get("baselines")), first.get("baselines"))
+  return merged
 
 
 def bench_section(bench: dict, runs_info: dict, plot_names: dict) -> str:
@@ -251,10 +272,14 @@ def main(argv=None):
               "is copied from those JSON files or the run directories they name; bits/dim conventions "
               "follow docs/math.md (discrete = bound on -log2 P(k)/D; dequantised = continuous "
               "density on uniformly dequantised data + log2(K/2)).", ""]
-  for path in [p for p in args.bench.split(",") if p]:
-    bench = _read_json(path)
-    if bench is None:
-      raise SystemExit(f"{path} does not exist.")
+  for group in [p for p in args.bench.split(",") if p]:
+    # "a.json+b.json": runs of one benchmark on the same images, written by separate commands.
+    parts = group.split("+")
+    missing = [p for p in parts if _read_json(p) is None]
+    if missing:
+      raise SystemExit(f"{missing[0]} does not exist.")
+    bench = merge_bench([_read_json(p) for p in parts])
+    path = group
     plots = {} if args.no_plots else plot_bench(bench, args.out_dir)
     sections.append(f"<!-- from {path} -->")
     sections.append(bench_section(bench, runs_info or {}, plots))

@@ -3,6 +3,7 @@
 import math
 
 import numpy as np
+import pytest
 
 from experiments import bench_likelihood
 
@@ -20,3 +21,18 @@ def test_paired_gap_to_another_estimator_on_the_same_images():
   # No reference yet, or fewer reference images than the entry has: nothing is claimed.
   assert bench_likelihood.add_paired_gap({}, bpd, None, "elbo_k100") == {}
   assert bench_likelihood.add_paired_gap({}, bpd, ref[:2], "elbo_k100") == {}
+
+
+def test_report_merges_bench_files_of_the_same_images_and_refuses_others():
+  from experiments import report  # pylint: disable=g-import-not-at-top
+  data = {"name": "gaussian_mixture", "split": "test", "num_examples": 500, "shape": [4, 4, 1],
+          "num_levels": 256}
+  a = {"data": data, "results": [{"label": "vdm/elbo_k1"}], "command": "A", "wall_seconds": 10.0,
+       "baselines": None, "hardware": {}}
+  b = {"data": dict(data), "results": [{"label": "cdm/cdm_uniform"}, {"label": "cdm/cdm_forward"}],
+       "command": "B", "wall_seconds": 2.5, "baselines": {"gzip": {"bpd": 7.6}}, "hardware": {}}
+  m = report.merge_bench([a, b])
+  assert [r["label"] for r in m["results"]] == ["vdm/elbo_k1", "cdm/cdm_uniform", "cdm/cdm_forward"]
+  assert m["command"] == "A; B" and m["wall_seconds"] == 12.5 and m["baselines"] == {"gzip": {"bpd": 7.6}}
+  with pytest.raises(SystemExit, match="num_examples"):
+    report.merge_bench([a, dict(b, data=dict(data, num_examples=16))])
