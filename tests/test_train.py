@@ -375,3 +375,19 @@ def test_bench_train_builds_each_family_with_its_own_networks(size):
     assert count(trees["vdm"]) == 30_586_245
     assert count(trees["diffenc"]) == 56_424_838
     assert count(trees["cdm"]) == 33_130_090
+
+
+@pytest.mark.parametrize("family,logs_bpd", [("vdm", True), ("cdm", False)])
+def test_training_bpd_is_logged_only_for_a_likelihood_loss(family, logs_bpd):
+  """Old code: the CDM's loss (w_ce CE + MSE, not a likelihood) was logged as bpd = loss / (D ln 2)
+  (e.g. 0.086 "bits/dim" on 4x4 data of true entropy 6.75)."""
+  config = tiny_config(**{"model.family": family})
+  ds = train.load_data(config, "train")
+  model = train.build_model(config, ds)
+  state = train.init_state(model, train.optimizer_from_config(config), jax.random.PRNGKey(0),
+                           parallel.make_mesh())
+  batch = train._stack_batches(ds, config, 0, 1)  # pylint: disable=protected-access
+  # Tracing is enough to see which metrics the step returns.
+  _, metrics = jax.eval_shape(train.make_train_step(model, ema_decay=0.9), state, batch)
+  assert ("bpd" in metrics) == logs_bpd, sorted(metrics)
+  assert {"loss", "grad_norm", "finite"} <= set(metrics)

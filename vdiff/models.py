@@ -103,8 +103,9 @@ class FamilyProtocol(Protocol):
 
   def loss(self, params: Params, rng: Array, batch: dict, *, train: bool) -> tuple[Array, dict]:
     """The training loss: (per-example loss [B] in nats, {name: per-example values [B]}); the trainer
-    minimises its batch mean and logs the batch mean of every term (bits/dim from the loss unless a
-    "bpd" term is given)."""
+    minimises its batch mean and logs the batch mean of every term; a "bpd" term is logged as given,
+    otherwise bits/dim = loss / (D ln 2) are logged only when `native_estimator` is "elbo" (the loss
+    is then a bound on -log P(k) in nats)."""
 
   def nll(self, params: Params, rng: Array, batch: dict) -> tuple[Array, Any]:
     """(nats [B], extras): per example an upper bound (in expectation) on the discrete -log P(k) of

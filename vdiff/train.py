@@ -3,7 +3,7 @@
 The work directory receives (its contract, with the lock, the config guard on resume and the verified
 checkpoints, is vdiff/workdir.py):
   config.json      the config the run started with (a resume records changes in config_changes.jsonl)
-  metrics.jsonl    one JSON object per logged step (step, loss, bpd, the loss terms, lr,
+  metrics.jsonl    one JSON object per logged step (step, loss, bpd (ELBO families), the loss terms, lr,
                    throughput, wall_seconds since the run or resume started, time as a unix timestamp)
   checkpoints/     orbax CheckpointManager steps (asynchronous saves, max_to_keep, checksums, resumable)
   eval.json        the last evaluation: step, split, bpd, bpd_stderr, estimator, num_examples, nfe, ...
@@ -243,6 +243,10 @@ def make_train_step(model, *, ema_decay: float, nan_policy: str = "skip", inject
   if nan_policy not in NAN_POLICIES:
     raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}.")
   num_dims = math.prod(model.data_shape)
+  # loss / (D ln 2) is bits/dim only where the training loss is the negative ELBO, a bound on -log P(k)
+  # in nats (families whose native estimator is the ELBO). The CDM's loss (w_ce CE + MSE) is not a
+  # likelihood: no training "bpd" is logged for it (its bits/dim come from the evaluator).
+  loss_is_nll = model.native_estimator == "elbo"
 
   def step_fn(state: TrainState, batch):
     rng = jax.random.fold_in(state.rng, state.step)
@@ -287,7 +291,7 @@ def make_train_step(model, *, ema_decay: float, nan_policy: str = "skip", inject
         halted=state.halted | (bad & (nan_policy == "stop")))
     metrics = {k: jnp.mean(v) for k, v in terms.items()}
     metrics["loss"] = loss
-    if "bpd" not in metrics:
+    if "bpd" not in metrics and loss_is_nll:
       metrics["bpd"] = loss / (num_dims * math.log(2.0))
     metrics["grad_norm"] = grad_norm
     metrics["finite"] = finite.astype(jnp.float32)
@@ -764,7 +768,7 @@ def _train_and_evaluate(config, workdir, changes) -> dict:
         t_last, step_last = now, step
         append_jsonl(metrics_path, m)
         scalars.write(m)
-        bar.set_postfix(loss=f"{m['loss']:.4g}", bpd=f"{m['bpd']:.4g}")
+        bar.set_postfix(loss=f"{m['loss']:.4g}", **({"bpd": f"{m['bpd']:.4g}"} if "bpd" in m else {}))
         if nonfinite:
           first = int(state.first_nonfinite_step)
           if t.nan_policy == "stop":
