@@ -40,12 +40,14 @@ def get_config(arg: str | None = None):
   c.model.schedule.update(kind="learned_scalar", gamma_min=-13.3, gamma_max=5.0)
   c.model.score.update(ch=32, num_blocks=2, dropout=0.0, attention=True, num_groups=8,
                        fourier_min=6, fourier_max=8)
-  # DiffEnc's trainable encoder (--config.model.encoder.kind=trainable), sized for 4x4 data: one
-  # resolution level (ch_mult=(1,)), because halving 4x4 leaves 2x2 maps on which a 3x3 conv sees mostly
-  # padding; 32 channels as the score network, one ResNet block: 162k parameters beside the score
-  # network's 220k (0.74x, as experiments/configs/study.py's 164k beside 221k; DiffEnc's CIFAR-10
-  # encoder is 0.84x its score network). The base default (ch 64, ch_mult (1, 2), 2 blocks) is 3.66M
-  # parameters, 17x the score network: a 27x costlier train step (42 GFLOP against 1.6), 70x slower here.
+  # DiffEnc's trainable encoder (word `trainable`), sized for 4x4 data. One resolution level
+  # (ch_mult=(1,)): halving 4x4 leaves 2x2 maps on which a 3x3 conv sees mostly padding. 16 channels and
+  # one ResNet block (41k parameters beside the score network's 220k) so that the encoder adds to the
+  # train step what DiffEnc's CIFAR-10 encoder adds to its step: the encoder runs four times per step
+  # (x_t and its jvp in gamma, x_0 and x_1 for the endpoint terms) and is differentiated, and here it
+  # makes the step 2.8 GFLOP against VDM's 1.6 (1.7x; 569 against 312 GFLOP, 1.8x, at the paper size,
+  # README "Train-step throughput"). The base default (ch 64, ch_mult (1, 2), 2 blocks: 3.66M
+  # parameters, 17x the score network) made it 42 GFLOP (26x) and 90x slower than VDM's step on a CPU.
   c.model.encoder.update(kind="nontrainable" if family == "diffenc" else "identity",
                          ch=16, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), num_groups=8)
 
