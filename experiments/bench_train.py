@@ -6,7 +6,10 @@ exactly as the trainer builds it:
 
   tiny   the config's `tiny` word (CPU-sized networks) on random 8x8x1 data with 17 levels (the shape of
          the quickstart digits);
-  paper  the paper config's network unchanged, on random 32x32x3 data with 256 levels.
+  paper  the paper config's network unchanged, on random 32x32x3 data with 256 levels;
+  known_density  experiments/configs/known_density.py's networks (vdm; diffenc with
+         model.encoder.kind=trainable; cdm) on random 4x4x1 data with 256 levels (that config's batch
+         is 128: pass --batch 128).
 
 The train step is vdiff.train.make_train_step jitted by vdiff.train.jit_train_step (state replicated and
 donated, batch split over every device), with `steps_per_dispatch` optimisation steps per call (lax.scan
@@ -52,14 +55,19 @@ from experiments import jsonout
 # non-trainable variant runs the VDM score network alone, which the `vdm` row already measures.
 FAMILY_CONFIGS = {"vdm": ("vdm_cifar10", ()), "diffenc": ("diffenc_cifar10", ("trainable",)),
                   "cdm": ("cdm_cifar10", ())}
-SIZES = {"tiny": ((8, 8, 1), 17), "paper": ((32, 32, 3), 256)}  # data shape, number of levels
+SIZES = {"tiny": ((8, 8, 1), 17), "paper": ((32, 32, 3), 256),
+         "known_density": ((4, 4, 1), 256)}  # data shape, number of levels
 
 
 def get_config(family: str, size: str, *, remat: bool = False, compute_dtype: str = "float32"):
-  name, words = FAMILY_CONFIGS[family]
-  module = importlib.import_module(f"experiments.configs.{name}")
-  words = words + (("tiny",) if size == "tiny" else ())
-  config = module.get_config(",".join(words) or None)
+  if size == "known_density":  # one config file, the family as its argument word
+    module = importlib.import_module("experiments.configs.known_density")
+    config = module.get_config(family + (",trainable" if family == "diffenc" else ""))
+  else:
+    name, words = FAMILY_CONFIGS[family]
+    module = importlib.import_module(f"experiments.configs.{name}")
+    words = words + (("tiny",) if size == "tiny" else ())
+    config = module.get_config(",".join(words) or None)
   config.model.score.remat = remat
   config.training.compute_dtype = compute_dtype
   return config

@@ -448,3 +448,87 @@ def test_family_sample_gives_every_sampler_the_encoder_shift(encoder_kind, monke
     fam.sample(None, rng, 3, sampler="vdm_ancestral", clip_x0=True)
   with pytest.raises(ValueError, match="sample.clip_x0 must be None"):
     fam.sample(None, rng, 3, sampler="ddpm", clip_x0="yes")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Cost of the trainable-encoder step on small data (experiments/configs/known_density.py: 4x4x1).
+# ----------------------------------------------------------------------------------------------------
+def _convs_on_small_maps(jaxpr) -> list:
+  """Input shapes of every conv_general_dilated (nested jaxprs included) whose (dilated) spatial input is
+  smaller than its kernel: the convolutions XLA's CPU backend runs in a slow kernel-input-swapped form."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "conv_general_dilated":
+      dn = eqn.params["dimension_numbers"]
+      lhs, rhs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
+      dilation = eqn.params["lhs_dilation"]  # a transposed conv's input, dilated: (s - 1) d + 1
+      spatial = [(lhs[d] - 1) * r + 1 for d, r in zip(dn.lhs_spec[2:], dilation)]
+      window = [rhs[d] for d in dn.rhs_spec[2:]]
+      if any(s < k for s, k in zip(spatial, window)):
+        found.append(lhs)
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      found += _convs_on_small_maps(sub)
+  return found
+
+
+def test_encoder_convolutions_on_maps_smaller_than_the_kernel_are_matmuls(monkeypatch):
+  """The encoder U-Net on 4x4 data (ch_mult (1, 2): 2x2 maps under 3x3 kernels), differentiated as in
+  training (jvp in gamma, then the gradient in the parameters): no convolution on a map smaller than its
+  kernel remains (vdiff.nets.layers.conv_general_dilated makes them matmuls), and the loss and every
+  gradient equal those of plain lax convolutions to float32 rounding (the reference: the same network
+  with lax.conv_general_dilated patched back in)."""
+  net = encoder_net.EncoderUNet(ch=16, ch_mult=(1, 2), num_res_blocks=1, num_groups=8)
+  x = jax.random.uniform(jax.random.PRNGKey(0), (8, 4, 4, 1), minval=-1.0, maxval=1.0)
+  params = net.init(jax.random.PRNGKey(1), x, jnp.zeros((1,)))["params"]
+  # Perturb the zero-initialised output conv (and everything else) so that y and its derivative are
+  # not identically zero.
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
+  params = jax.tree.unflatten(tree, [p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+  gamma = jnp.linspace(-13.3, 5.0, 8)
+
+  def make_value_and_grad():  # a new function each time: jit and make_jaxpr cache by function
+
+    def loss(p):
+      enc = diffenc.trainable_encoder(diffenc.y_fn_from_module(net, p))
+      offset, doffset = diffenc.encoder_and_derivative(enc.offset, x, gamma)
+      return jnp.sum(jnp.square(offset)) + jnp.sum(jnp.square(doffset))
+
+    return jax.value_and_grad(loss)
+
+  small = _convs_on_small_maps(jax.make_jaxpr(make_value_and_grad())(params).jaxpr)
+  assert not small, f"{len(small)} convolutions on maps smaller than the kernel, inputs {small[:4]}"
+  value, grads = jax.jit(make_value_and_grad())(params)
+  monkeypatch.setattr(encoder_net.layers, "conv_general_dilated", jax.lax.conv_general_dilated)
+  ref_value, ref_grads = jax.jit(make_value_and_grad())(params)
+  assert _convs_on_small_maps(jax.make_jaxpr(make_value_and_grad())(params).jaxpr)  # reference: has them
+  np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+  # Rounding of a gradient sum in another order scales with the largest gradients, not with each leaf's
+  # own size: some leaves are exactly zero in exact arithmetic (a bias whose shift a GroupNorm removes)
+  # and hold only float32 rounding noise (~1e-6 here) in both versions.
+  scale = max(float(jnp.abs(r).max()) for r in jax.tree.leaves(ref_grads))
+  for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5 * scale, err_msg=f"gradient scale {scale}")
+
+
+def test_known_density_trainable_step_costs_at_most_3x_the_vdm_step():
+  """experiments/configs/known_density.py: XLA's FLOP count of the DiffEnc train loss and gradient with
+  the trainable encoder stays within 3x that of the VDM loss and gradient on the same 4x4x1 batch of 128
+  (the encoder is sized for 4x4 data; the base default encoder made it 26x). Lowered, not compiled:
+  cost analysis of the unoptimised program, the same count for both."""
+  from experiments.configs import known_density
+  from vdiff import models
+
+  def flops(family):
+    config = known_density.get_config(family)
+    model = models.from_config(config.model, data_shape=(4, 4, 1), num_levels=256, num_labels=10)
+    params = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+    batch = {"image": jax.ShapeDtypeStruct((config.training.batch_size, 4, 4, 1), jnp.int32),
+             "label": jax.ShapeDtypeStruct((config.training.batch_size,), jnp.int32)}
+    fn = jax.value_and_grad(lambda p, r, b: jnp.mean(model.loss(p, r, b, train=True)[0]))
+    cost = jax.jit(fn).lower(params, jax.random.PRNGKey(0), batch).cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"])
+
+  vdm_flops, diffenc_flops = flops("vdm"), flops("diffenc,trainable")
+  assert diffenc_flops <= 3.0 * vdm_flops, (diffenc_flops, vdm_flops, diffenc_flops / vdm_flops)
