@@ -593,7 +593,7 @@ def validate_config(config) -> None:
 
 @_config_errors
 def validate_data(config, train_ds, eval_ds) -> None:
-  """Refuse a data set the run cannot use, naming the key: batch sizes larger than the data, and an
+  """Refuse a data set the run cannot use, naming the key: a training batch larger than the data, and an
   evaluation split whose examples differ from the training split's (its bits/dim would be computed with
   the training split's D = H W C and K)."""
   d, t, e = config.data, config.training, config.eval
@@ -606,13 +606,9 @@ def validate_data(config, train_ds, eval_ds) -> None:
     if a != b:
       raise ValueError(f"the evaluation split (eval.split={e.split!r}) of data.name={d.name!r} has "
                        f"{what} {b}, the training split {a}: every split must agree.")
-  num_eval = len(eval_ds) if not e.num_examples else min(len(eval_ds), e.num_examples)
-  n = jax.device_count()
-  padded = -(-num_eval // n) * n  # one example per device at least
-  if e.batch_size > padded:
-    raise ValueError(f"eval.batch_size ({e.batch_size}) must be <= the number of evaluated examples "
-                     f"({num_eval} of eval.split={e.split!r}"
-                     + (f", rounded up to a multiple of the {n} devices" if n > 1 else "") + ").")
+  # eval.batch_size above the number of evaluated examples is not an error: the evaluator caps the batch
+  # at that number rounded up to the device count (`vdiff.evaluate.batch_plan`), so
+  # `--config.eval.num_examples=32` works with any config's eval.batch_size.
 
 
 @_config_errors
