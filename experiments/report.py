@@ -195,7 +195,7 @@ def _save(fig, out_dir: str, name: str) -> str:
   return name
 
 
-def plot_bench(bench: dict, out_dir: str) -> dict:
+def plot_bench(bench: dict, out_dir: str, tag: str | None = None) -> dict:
   """bpd-vs-step and bpd-vs-seconds plots for one bench file; returns {title: file name}."""
   try:
     import matplotlib  # pylint: disable=g-import-not-at-top
@@ -205,7 +205,7 @@ def plot_bench(bench: dict, out_dir: str) -> dict:
     print("[report] matplotlib is not installed: no plots (pip install vdiff[plots]).", file=sys.stderr)
     return {}
   d = bench["data"]
-  tag = d["name"].replace("/", "_")
+  tag = tag or d["name"].replace("/", "_")  # file names: bpd_vs_step_<tag>.png, bpd_vs_seconds_<tag>.png
   names = {}
   true_bpd = d.get("true_bpd")
 
@@ -272,6 +272,7 @@ def main(argv=None):
               "is copied from those JSON files or the run directories they name; bits/dim conventions "
               "follow docs/math.md (discrete = bound on -log2 P(k)/D; dequantised = continuous "
               "density on uniformly dequantised data + log2(K/2)).", ""]
+  seen = {}  # data name -> sections so far
   for group in [p for p in args.bench.split(",") if p]:
     # "a.json+b.json": runs of one benchmark on the same images, written by separate commands.
     parts = group.split("+")
@@ -280,7 +281,12 @@ def main(argv=None):
       raise SystemExit(f"{missing[0]} does not exist.")
     bench = merge_bench([_read_json(p) for p in parts])
     path = group
-    plots = {} if args.no_plots else plot_bench(bench, args.out_dir)
+    # The first section of a data set names its plots by the data set; later ones add _2, _3, ...
+    # (never overwriting an earlier section's plots).
+    name = bench["data"]["name"].replace("/", "_")
+    seen[name] = seen.get(name, 0) + 1
+    tag = name if seen[name] == 1 else f"{name}_{seen[name]}"
+    plots = {} if args.no_plots else plot_bench(bench, args.out_dir, tag)
     sections.append(f"<!-- from {path} -->")
     sections.append(bench_section(bench, runs_info or {}, plots))
   out = os.path.join(args.out_dir, "results.md")
