@@ -275,11 +275,11 @@ def main(argv=None):
   seen = {}  # data name -> sections so far
   for group in [p for p in args.bench.split(",") if p]:
     # "a.json+b.json": runs of one benchmark on the same images, written by separate commands.
-    parts = group.split("+")
-    missing = [p for p in parts if _read_json(p) is None]
+    docs = {p: _read_json(p) for p in group.split("+")}
+    missing = [p for p, doc in docs.items() if doc is None]
     if missing:
       raise SystemExit(f"{missing[0]} does not exist.")
-    bench = merge_bench([_read_json(p) for p in parts])
+    bench = merge_bench(list(docs.values()))
     path = group
     # The first section of a data set names its plots by the data set; later ones add _2, _3, ...
     # (never overwriting an earlier section's plots).
