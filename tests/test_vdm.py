@@ -261,3 +261,48 @@ def test_elbo_refuses_bad_times_eagerly_and_propagates_nan_under_jit():
     assert np.all(np.isfinite(elbo(jnp.array([0.0, 1.0, 0.5]), num_steps=num_steps)[0]))
   nelbo = jax.jit(lambda t: elbo(t)[0])(jnp.array([0.2, jnp.nan, 0.4]))
   assert np.isnan(nelbo[1]) and np.all(np.isfinite(nelbo[jnp.array([0, 2])]))
+
+
+def test_fourier_features_damped_by_the_noise_level():
+  # Reference: E[sin(w z) | x] = sin(w alpha x) exp(-w^2 sigma^2 / 2) for z ~ N(alpha x, sigma^2), so each
+  # feature is scaled by exp(-w^2 sigma^2 / 2), w = 2^n 2 pi; computed here in float64 numpy.
+  from vdiff.nets import layers
+  z = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 2, 1)) * 0.5
+  sigma = jnp.array([0.0, 0.002, 0.05])
+  got = np.asarray(layers.fourier_features(z, n_min=6, n_max=8, sigma=sigma), np.float64)
+  w = 2.0 ** np.arange(6, 8) * 2 * np.pi
+  # The angle w z in float32, as the network forms it (|w z| ~ 400: float32 rounds it by ~3e-5 rad).
+  zz = (np.asarray(z)[..., 0, None] * w.astype(np.float32)).astype(np.float64)  # [B, H, W, F]
+  damp = np.exp(-0.5 * (np.asarray(sigma, np.float64)[:, None, None, None] * w) ** 2)
+  want = np.concatenate([np.sin(zz) * damp, np.cos(zz) * damp], axis=-1)
+  np.testing.assert_allclose(got, want, atol=2e-5)
+  # sigma = 0.002: w sigma = 0.804 and 1.608 -> factors exp(-0.323) = 0.7237 and exp(-1.293) = 0.2743.
+  np.testing.assert_allclose(damp[1, 0, 0], [0.7237, 0.2743], atol=1e-4)
+  np.testing.assert_array_equal(np.asarray(layers.fourier_features(z, n_min=6, n_max=8)),
+                                np.asarray(layers.fourier_features(z, n_min=6, n_max=8, sigma=jnp.zeros(3))))
+
+
+def test_score_unet_fourier_damping_removes_the_features_at_high_noise():
+  # With fourier_damping the network recovers sigma_t from g_norm (gamma = G0 + g_norm (G1 - G0)); at
+  # g_norm = 1 (sigma^2 = sigmoid(5), w sigma ~ 400) the Fourier channels are exp(-8e4) = 0, so the first
+  # conv's Fourier weights cannot change the output; at g_norm = 0 (sigma = 0.0013) they do.
+  from vdiff.nets import score
+  net = score.ScoreUNet(ch=8, num_blocks=1, dropout=0.0, attention=False, num_groups=4,
+                        fourier_damping=True, gamma_min=G0, gamma_max=G1)
+  z = jax.random.normal(jax.random.PRNGKey(1), (2, 4, 4, 1))
+  params = net.init(jax.random.PRNGKey(2), z, jnp.zeros(2))["params"]
+  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(3), p.shape), params)
+  kernel = params["Conv_0"]["kernel"]  # [3, 3, 1 + 4, ch]: z, then the 4 Fourier channels
+  assert kernel.shape[2] == 5
+  moved = jax.tree.map(lambda p: p, params)
+  moved["Conv_0"] = dict(params["Conv_0"], kernel=kernel.at[:, :, 1:].add(1.0))
+  apply = jax.jit(lambda p, g: net.apply({"params": p}, z, g))  # one compilation for all four calls
+  for g_norm, changes in ((1.0, False), (0.0, True)):
+    g = jnp.full(2, g_norm)
+    diff = float(jnp.max(jnp.abs(apply(params, g) - apply(moved, g))))
+    assert (diff > 1e-2) if changes else (diff == 0.0), (g_norm, diff)
+  # Undamped (the default), the same weights change the output at g_norm = 1 too.
+  plain = net.clone(fourier_damping=False)
+  diff = float(jnp.max(jnp.abs(plain.apply({"params": params}, z, jnp.ones(2))
+                               - plain.apply({"params": moved}, z, jnp.ones(2)))))
+  assert diff > 1e-2, diff

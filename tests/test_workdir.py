@@ -129,6 +129,15 @@ def test_the_refusal_lists_old_and_new_values():
   assert not wd.is_harmless("training.num_steps", {"optim.lr_schedule": "cosine"})
 
 
+def test_a_key_added_later_is_no_change_at_its_old_behaviour():
+  # model.score.fourier_damping did not exist when older runs wrote config.json: False is what they ran.
+  old = {"model": {"score": {"ch": 16}}}
+  assert wd.config_diff(old, {"model": {"score": {"ch": 16, "fourier_damping": False}}}) == {}
+  assert wd.config_diff(old, {"model": {"score": {"ch": 16, "fourier_damping": True}}}) == {
+      "model.score.fourier_damping": (False, True)}
+  assert not wd.is_harmless("model.score.fourier_damping", {})
+
+
 def test_a_structure_mismatch_is_an_error_not_corruption(run_copy):
   """allow_config_change lets the guard pass; the checkpoint's shapes still do not fit the new model:
   an error naming the leaf and both shapes, and nothing is moved or deleted."""

@@ -290,6 +290,9 @@ class VDMFamily(Family):
     self.num_levels = int(num_levels)
     self.num_labels = int(num_labels)
     self.schedule_spec = schedule
+    if score_kwargs.get("fourier_damping"):
+      # The network recovers sigma_t from g_norm with the range make_eps_fn normalises by (_eps_fn_for).
+      score_kwargs = dict(score_kwargs, gamma_min=schedule.gamma_min, gamma_max=schedule.gamma_max)
     self.net = score_nets.ScoreUNet(num_labels=self.num_labels, **score_kwargs)
     # The training loss's network: the same parameters (float32), computed in compute_dtype. Evaluation,
     # likelihoods and sampling (train=False) always use the float32 `net`.
@@ -661,7 +664,8 @@ COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 def score_kwargs_from_config(cfg) -> dict:
   return dict(ch=cfg.ch, num_blocks=cfg.num_blocks, dropout=cfg.dropout, attention=cfg.attention,
               fourier_min=cfg.fourier_min, fourier_max=cfg.fourier_max, num_groups=cfg.num_groups,
-              remat=bool(cfg.get("remat", False)))
+              remat=bool(cfg.get("remat", False)),
+              fourier_damping=bool(cfg.get("fourier_damping", False)))
 
 
 def from_config(model_cfg, *, data_shape, num_levels: int, num_labels: int,

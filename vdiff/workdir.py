@@ -83,6 +83,13 @@ _CONDITIONALLY_GUARDED = (
      "with optim.lr_schedule='cosine' the decay length is training.num_steps"),
 )
 
+# Keys added to the config after work directories may have been written. A config.json without one ran
+# with the value given here (what vdiff computed before the key existed), so absent and this value
+# describe the same run; any other new value is a change like any other.
+ADDED_KEY_DEFAULTS = {
+    "model.score.fourier_damping": False,
+}
+
 
 class WorkdirError(RuntimeError):
   """The work directory cannot be used as asked; the message says why and what to do."""
@@ -361,8 +368,11 @@ _ABSENT = object()
 
 
 def config_diff(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
-  """{dotted key: (old value, new value)} for every key whose value differs or that one side lacks."""
+  """{dotted key: (old value, new value)} for every key whose value differs or that one side lacks.
+
+  A key of ADDED_KEY_DEFAULTS that the old config lacks counts as its default there."""
   fo, fn = _flatten(old), _flatten(new)
+  fo = {**{k: v for k, v in ADDED_KEY_DEFAULTS.items() if k in fn}, **fo}
   return {k: (fo.get(k, _ABSENT), fn.get(k, _ABSENT)) for k in sorted(set(fo) | set(fn))
           if fo.get(k, _ABSENT) != fn.get(k, _ABSENT)}
 

@@ -39,6 +39,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   sc.attention = True
   sc.fourier_min = 6
   sc.fourier_max = 8
+  sc.fourier_damping = False  # damp the Fourier features by exp(-w^2 sigma_t^2 / 2) (nets/layers.py)
   sc.num_groups = 32
   sc.remat = False           # rematerialise the ResNet blocks in the backward pass (less memory, ~1 more forward)
   m.encoder = e = ml_collections.ConfigDict()  # DiffEnc

@@ -23,16 +23,31 @@ def timestep_embedding(t, dim: int, *, max_period: float = 10000.0):
   return emb
 
 
-def fourier_features(z, *, n_min: int, n_max: int):
-  """VDM's input Fourier features: sin and cos of 2^n pi z for n in [n_min, n_max), per channel.
+def fourier_features(z, *, n_min: int, n_max: int, sigma=None):
+  """VDM's input Fourier features: sin and cos of 2^n 2 pi z for n in [n_min, n_max), per channel.
 
-  They let the network resolve the fine structure of z at low noise levels (VDM appendix B).
-  Args: z [B, H, W, C]. Returns [B, H, W, 2 C (n_max - n_min)].
+  They let the network resolve the fine structure of z at low noise levels (VDM appendix B; the
+  frequencies are those of the official code, 2^n * 2 pi).
+
+  With `sigma` (the noise level sigma_t of z, [B]) each feature of angular frequency w is damped by
+  exp(-w^2 sigma^2 / 2), its expected value's factor under the noise: for z = alpha x + sigma eps,
+  E[sin(w z) | x] = sin(w alpha x) exp(-w^2 sigma^2 / 2). Where w sigma >> 1 a feature is noise that
+  carries nothing about x, yet its derivative w cos(w z) is large (w = 2^7 2 pi ~ 804 at n = 7): a
+  network that does not cancel it exactly has an input Jacobian that oscillates with z. The ELBO only
+  sees eps_hat's values, but the probability-flow ODE integrates its divergence, tr(d eps_hat / dz),
+  and such oscillations made the ODE likelihood of a VDM on 256-level data 0.5 to 0.8 bits/dim worse
+  than its ELBO (README, "Known-density benchmark"). Damped, the features fade out as sigma grows
+  (by sigma = 4 / w they are below exp(-8)), and the network sees them only where they are signal.
+  Args: z [B, H, W, C]; sigma None or [B]. Returns [B, H, W, 2 C (n_max - n_min)].
   """
   freqs = 2.0 ** jnp.arange(n_min, n_max, dtype=jnp.float32) * 2.0 * jnp.pi
   h = z[..., None] * freqs  # [B, H, W, C, F]
-  h = h.reshape(z.shape[:-1] + (-1,))
-  return jnp.concatenate([jnp.sin(h), jnp.cos(h)], axis=-1)
+  feats = [jnp.sin(h), jnp.cos(h)]
+  if sigma is not None:
+    damp = jnp.exp(-0.5 * jnp.square(jnp.reshape(sigma, (-1, 1, 1, 1, 1)) * freqs))
+    feats = [f * damp for f in feats]
+  feats = [f.reshape(z.shape[:-1] + (-1,)) for f in feats]
+  return jnp.concatenate(feats, axis=-1)
 
 
 def upsample_nearest2x(h):

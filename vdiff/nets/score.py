@@ -1,6 +1,7 @@
 """The VDM score network (Kingma et al. 2021, arXiv:2107.00630, appendix B).
 
-A U-Net without downsampling: input Fourier features of z, `num_blocks` ResNet blocks at full resolution,
+A U-Net without downsampling: input Fourier features of z (optionally damped by the noise level,
+`fourier_damping`: see `layers.fourier_features`), `num_blocks` ResNet blocks at full resolution,
 a middle ResNet-attention-ResNet block, `num_blocks + 1` ResNet blocks on the way up with skip
 concatenations, GroupNorm -> SiLU -> zero-initialised conv, plus a skip of z (skip_z): at initialisation
 the network's output is exactly its input z. Read as eps (`vdm.make_eps_fn(..., parameterization="eps")`)
@@ -25,6 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from vdiff.nets import layers
@@ -48,6 +50,12 @@ class ScoreUNet(nn.Module):
   skip_z: bool = True
   dtype: Any = None     # computation dtype (None: float32); see the module docstring
   remat: bool = False   # rematerialise the ResNet blocks in the backward pass
+  # Damp the Fourier features by the noise level (layers.fourier_features): sigma_t is recovered from
+  # g_norm through the normalisation range gamma = gamma_min + g_norm (gamma_max - gamma_min), which must
+  # be the range the family normalises with (vdm.make_eps_fn's gamma_min / gamma_max).
+  fourier_damping: bool = False
+  gamma_min: float = -13.3
+  gamma_max: float = 5.0
 
   @nn.compact
   def __call__(self, z, g_norm, label=None, *, train: bool = False):
@@ -64,8 +72,12 @@ class ScoreUNet(nn.Module):
 
     h = z
     if self.fourier_max > self.fourier_min:
-      h = jnp.concatenate([z, layers.fourier_features(z, n_min=self.fourier_min,
-                                                      n_max=self.fourier_max)], axis=-1)
+      sigma = None
+      if self.fourier_damping:
+        gamma = self.gamma_min + g_norm * (self.gamma_max - self.gamma_min)
+        sigma = jnp.sqrt(jax.nn.sigmoid(gamma))  # sigma_t^2 = sigmoid(gamma_t)
+      h = jnp.concatenate([z, layers.fourier_features(z, n_min=self.fourier_min, n_max=self.fourier_max,
+                                                      sigma=sigma)], axis=-1)
     h = nn.Conv(self.ch, (3, 3), dtype=self.dtype)(h)
     hs = [h]
     # Explicit names (those flax gives the plain blocks), so that the parameter pytree is the same with
