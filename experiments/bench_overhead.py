@@ -102,7 +102,13 @@ def _summary(full_t, bare_t, full_info, bare_info, per: int = 1) -> dict:
   }
 
 
-def bench_train_step(size: str, *, batch: int, repeats: int, mesh) -> dict:
+def train_step_programs(size: str, *, batch: int, mesh) -> dict:
+  """The full and the bare train step of `size`, compiled ahead of time on the same state and batch.
+
+  Returns a dict: model, state (the full step's, donated by it), data, rng; params and opt_state (the
+  bare step's own copies, donated by it); full and bare (the compiled programs) and full_info /
+  bare_info (lower_s, compile_s, hlo_instructions, flops).
+  """
   config = get_config(size)
   _, shape, num_levels = SIZES[size]
   model = models.from_config(config.model, data_shape=shape, num_levels=num_levels, num_labels=0)
@@ -129,8 +135,16 @@ def bench_train_step(size: str, *, batch: int, repeats: int, mesh) -> dict:
   rng = jax.random.PRNGKey(1)
   full_c, full_info = _compile(full, state, data)
   bare_c, bare_info = _compile(bare, params, opt_state, rng, data)
+  return {"model": model, "state": state, "data": data, "rng": rng, "params": params,
+          "opt_state": opt_state, "full": full_c, "bare": bare_c, "full_info": full_info,
+          "bare_info": bare_info}
 
-  box = {"state": state, "params": params, "opt": opt_state}
+
+def bench_train_step(size: str, *, batch: int, repeats: int, mesh) -> dict:
+  _, shape, _ = SIZES[size]
+  p = train_step_programs(size, batch=batch, mesh=mesh)
+  full_c, bare_c, data, rng, state = p["full"], p["bare"], p["data"], p["rng"], p["state"]
+  box = {"state": state, "params": p["params"], "opt": p["opt_state"]}
 
   def run_full():
     box["state"], metrics = full_c(box["state"], data)
@@ -143,10 +157,10 @@ def bench_train_step(size: str, *, batch: int, repeats: int, mesh) -> dict:
   run_full(), run_bare()  # Warm-up.
   jax.block_until_ready((box["state"], box["params"]))
   ft, bt = _interleave(run_full, run_bare, repeats)
-  num_params = int(sum(x.size for x in jax.tree.leaves(state.params)))
+  num_params = int(sum(x.size for x in jax.tree.leaves(box["state"].params)))
   row = {"what": "train_step", "size": size, "batch": batch, "data_shape": list(shape),
-         "num_params": num_params, "num_param_leaves": len(jax.tree.leaves(state.params))}
-  row.update(_summary(ft, bt, full_info, bare_info))
+         "num_params": num_params, "num_param_leaves": len(jax.tree.leaves(box["state"].params))}
+  row.update(_summary(ft, bt, p["full_info"], p["bare_info"]))
   return row
 
 
