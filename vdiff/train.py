@@ -287,7 +287,9 @@ def make_train_step(model, *, ema_decay: float, nan_policy: str = "skip", inject
     params, opt_state, decay, weight = jax.lax.cond(
         ok, lambda new, old: choose(*new, ema_decay), lambda new, old: choose(*old, 1.0),
         (new_params, new_opt_state), (state.params, state.opt_state))
-    ema = jax.tree.map(lambda e, p: decay * e + weight * p, state.ema_params, params)
+    # The scalars in each leaf's dtype, as the Python floats of d e + (1 - d) p would be.
+    ema = jax.tree.map(lambda e, p: decay.astype(e.dtype) * e + weight.astype(e.dtype) * p,
+                       state.ema_params, params)
     bad = ~finite
     new_state = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
