@@ -12,8 +12,9 @@ Sampler step (VDM ancestral, `--sample-steps` steps over a batch of `--sample-ba
   bare  a lax.scan of the same number of plain network calls net.apply(params, z, g_norm) -> z, per
         step = whole chain / steps: the floor any sampler's loop body pays.
 
-Each program is lowered and compiled ahead of time (compile_s timed apart), run once to warm up, then
-timed `--repeats` times in alternation (full, bare, bare, full, ...: each pair's order flips so that
+Each program is lowered and compiled ahead of time, `--compile-repeats` times in alternation with its
+counterpart, each time from a fresh jit (compile_s: their median; compile_s_all: each), run once to warm
+up, then timed `--repeats` times in alternation (full, bare, bare, full, ...: each pair's order flips so that
 neither side always runs second). Reported: median and minimum seconds of each, the median of the paired
 ratios full / bare, and the HLO instruction count of each compiled program (lines of
 compiled.as_text() that define a value) with XLA's FLOP count.
@@ -70,11 +71,44 @@ def _compile(fn, *args):
   t0 = time.perf_counter()
   lowered = fn.lower(*args)
   t1 = time.perf_counter()
+  c1 = time.process_time()
   compiled = lowered.compile()
   t2 = time.perf_counter()
+  # CPU seconds of this process (all of XLA's compile threads): the compile's work, which other
+  # processes on a shared machine stretch less than its wall time.
+  c2 = time.process_time()
   cost = bench_train._cost(compiled)  # pylint: disable=protected-access
-  return compiled, {"lower_s": t1 - t0, "compile_s": t2 - t1, "hlo_instructions": hlo_instructions(compiled),
+  return compiled, {"lower_s": t1 - t0, "compile_s": t2 - t1, "compile_cpu_s": c2 - c1,
+                    "hlo_instructions": hlo_instructions(compiled),
                     "flops": float(cost.get("flops", float("nan")))}
+
+
+def _compile_alternating(make_a, make_b, repeats: int):
+  """Compile two programs `repeats` times each in alternation (a, b, b, a, ...), each from a fresh jit
+  (so nothing is served from a cache): returns (compiled_a, info_a, compiled_b, info_b) of the last
+  compile of each, with compile_s / compile_cpu_s the medians over the repeats of the wall and CPU
+  seconds, and compile_s_all / compile_cpu_s_all every one.
+
+  make_a() / make_b() return (jitted function, args). One compile of each is a noisy figure on a shared
+  machine, and whichever compiles first in a pair shares its time with whatever else runs; alternation
+  and the median make the ratio of the two a paired measurement.
+  """
+  wall = {"a": [], "b": []}
+  cpu = {"a": [], "b": []}
+  last = {}
+  for r in range(max(1, repeats)):
+    for key in (("a", "b") if r % 2 == 0 else ("b", "a")):
+      fn, args = (make_a if key == "a" else make_b)()
+      last[key] = _compile(fn, *args)
+      wall[key].append(last[key][1]["compile_s"])
+      cpu[key].append(last[key][1]["compile_cpu_s"])
+  infos = []
+  for key in ("a", "b"):
+    info = dict(last[key][1], compile_s=statistics.median(wall[key]),
+                compile_s_all=[round(x, 3) for x in wall[key]],
+                compile_cpu_s=statistics.median(cpu[key]), compile_cpu_s_all=[round(x, 3) for x in cpu[key]])
+    infos.append(info)
+  return last["a"][0], infos[0], last["b"][0], infos[1]
 
 
 def _interleave(run_a, run_b, repeats: int):
@@ -102,7 +136,14 @@ def _summary(full_t, bare_t, full_info, bare_info, per: int = 1) -> dict:
   }
 
 
-def bench_train_step(size: str, *, batch: int, repeats: int, mesh) -> dict:
+def train_step_programs(size: str, *, batch: int, mesh, compile_repeats: int = 1) -> dict:
+  """The full and the bare train step of `size`, compiled ahead of time on the same state and batch.
+
+  Returns a dict: model, state (the full step's, donated by it), data, rng; params and opt_state (the
+  bare step's own copies, donated by it); full and bare (the compiled programs) and full_info /
+  bare_info (lower_s, compile_s, hlo_instructions, flops; compile_s the median of `compile_repeats`
+  alternated compiles, `_compile_alternating`).
+  """
   config = get_config(size)
   _, shape, num_levels = SIZES[size]
   model = models.from_config(config.model, data_shape=shape, num_levels=num_levels, num_labels=0)
@@ -111,26 +152,36 @@ def bench_train_step(size: str, *, batch: int, repeats: int, mesh) -> dict:
   state = train.init_state(model, tx, jax.random.PRNGKey(0), mesh)
   local = bench_train.random_batch(np.random.RandomState(0), 1, batch, shape, num_levels)
   data = parallel.global_batch(local, parallel.batch_sharding(mesh), batch_axis=0)
-
-  full = train.jit_train_step(train.make_train_step(model, ema_decay=t.ema_decay, nan_policy=t.nan_policy),
-                              mesh, steps_per_dispatch=1)
-
-  def bare_step(params, opt_state, rng, batch):
-    def loss_fn(p):
-      return jnp.mean(model.loss(p, rng, batch, train=True)[0])
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  bare = jax.jit(bare_step, donate_argnums=(0, 1))
   # The bare step's own copies of the parameters and optimiser state (the full step donates its state).
   params = jax.tree.map(jnp.copy, state.params)
   opt_state = jax.tree.map(jnp.copy, state.opt_state)
   rng = jax.random.PRNGKey(1)
-  full_c, full_info = _compile(full, state, data)
-  bare_c, bare_info = _compile(bare, params, opt_state, rng, data)
 
-  box = {"state": state, "params": params, "opt": opt_state}
+  def make_full():
+    step = train.make_train_step(model, ema_decay=t.ema_decay, nan_policy=t.nan_policy)
+    return train.jit_train_step(step, mesh, steps_per_dispatch=1), (state, data)
+
+  def make_bare():
+    def bare_step(params, opt_state, rng, batch):
+      def loss_fn(p):
+        return jnp.mean(model.loss(p, rng, batch, train=True)[0])
+      loss, grads = jax.value_and_grad(loss_fn)(params)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, loss
+
+    return jax.jit(bare_step, donate_argnums=(0, 1)), (params, opt_state, rng, data)
+
+  full_c, full_info, bare_c, bare_info = _compile_alternating(make_full, make_bare, compile_repeats)
+  return {"model": model, "state": state, "data": data, "rng": rng, "params": params,
+          "opt_state": opt_state, "full": full_c, "bare": bare_c, "full_info": full_info,
+          "bare_info": bare_info}
+
+
+def bench_train_step(size: str, *, batch: int, repeats: int, mesh, compile_repeats: int = 1) -> dict:
+  _, shape, _ = SIZES[size]
+  p = train_step_programs(size, batch=batch, mesh=mesh, compile_repeats=compile_repeats)
+  full_c, bare_c, data, rng, state = p["full"], p["bare"], p["data"], p["rng"], p["state"]
+  box = {"state": state, "params": p["params"], "opt": p["opt_state"]}
 
   def run_full():
     box["state"], metrics = full_c(box["state"], data)
@@ -143,14 +194,14 @@ def bench_train_step(size: str, *, batch: int, repeats: int, mesh) -> dict:
   run_full(), run_bare()  # Warm-up.
   jax.block_until_ready((box["state"], box["params"]))
   ft, bt = _interleave(run_full, run_bare, repeats)
-  num_params = int(sum(x.size for x in jax.tree.leaves(state.params)))
+  num_params = int(sum(x.size for x in jax.tree.leaves(box["state"].params)))
   row = {"what": "train_step", "size": size, "batch": batch, "data_shape": list(shape),
-         "num_params": num_params, "num_param_leaves": len(jax.tree.leaves(state.params))}
-  row.update(_summary(ft, bt, full_info, bare_info))
+         "num_params": num_params, "num_param_leaves": len(jax.tree.leaves(box["state"].params))}
+  row.update(_summary(ft, bt, p["full_info"], p["bare_info"]))
   return row
 
 
-def bench_sampler_step(size: str, *, batch: int, steps: int, repeats: int) -> dict:
+def bench_sampler_step(size: str, *, batch: int, steps: int, repeats: int, compile_repeats: int = 1) -> dict:
   config = get_config(size)
   _, shape, num_levels = SIZES[size]
   model = models.from_config(config.model, data_shape=shape, num_levels=num_levels, num_labels=0)
@@ -170,8 +221,10 @@ def bench_sampler_step(size: str, *, batch: int, steps: int, repeats: int) -> di
 
     return jax.lax.scan(body, z_init, g)[0]
 
-  full_c, full_info = _compile(jax.jit(full_chain), params, rng, z_init)
-  bare_c, bare_info = _compile(jax.jit(bare_chain), params, z_init)
+  # Fresh jits of fresh functions each time, so that a repeated compile is not served from a cache.
+  full_c, full_info, bare_c, bare_info = _compile_alternating(
+      lambda: (jax.jit(lambda *a: full_chain(*a)), (params, rng, z_init)),
+      lambda: (jax.jit(lambda *a: bare_chain(*a)), (params, z_init)), compile_repeats)
   run_full = lambda: full_c(params, rng, z_init)
   run_bare = lambda: bare_c(params, z_init)
   jax.block_until_ready((run_full(), run_bare()))
@@ -204,6 +257,8 @@ def main(argv=None) -> dict:
   p.add_argument("--batch", type=int, default=0, help="train batch; 0 = 16 (tiny) or 32 (4x64)")
   p.add_argument("--sample-batch", type=int, default=16)
   p.add_argument("--sample-steps", type=int, default=16)
+  p.add_argument("--compile-repeats", type=int, default=3,
+                 help="compiles of each program, alternated; compile_s is their median")
   p.add_argument("--out", default="")
   argv = sys.argv[1:] if argv is None else list(argv)
   args = p.parse_args(argv)
@@ -217,10 +272,11 @@ def main(argv=None) -> dict:
   for size in sizes:
     batch = args.batch or (16 if size == "tiny" else 32)
     if "train" in what:
-      results.append(bench_train_step(size, batch=batch, repeats=args.repeats, mesh=mesh))
+      results.append(bench_train_step(size, batch=batch, repeats=args.repeats, mesh=mesh,
+                                      compile_repeats=args.compile_repeats))
     if "sampler" in what:
       results.append(bench_sampler_step(size, batch=args.sample_batch, steps=args.sample_steps,
-                                        repeats=args.repeats))
+                                        repeats=args.repeats, compile_repeats=args.compile_repeats))
     print(table(results), file=sys.stderr, flush=True)
   report = {"benchmark": "overhead", "command": " ".join(["python -m experiments.bench_overhead"] + argv),
             "device": {"platform": jax.devices()[0].platform, "num_devices": jax.device_count()},

@@ -200,8 +200,8 @@ def _all_finite(tree) -> Array:
   """True iff every element of every leaf is finite: one reduction over the flattened leaves.
 
   The leaves are concatenated into one vector and reduced once (one kernel whatever the number of
-  leaves), instead of one reduction per leaf; the concatenation is a temporary copy of the tree. Used on
-  the host (checkpoints); the train step's guard reads its global norms instead (`make_train_step`).
+  leaves), instead of one reduction per leaf; the concatenation is a temporary copy of the tree. The
+  train step's guard applies it to the new parameters (`make_train_step`).
   """
   leaves = [jnp.ravel(x) for x in jax.tree.leaves(tree)]
   if not leaves:
@@ -231,14 +231,18 @@ def make_train_step(model, *, ema_decay: float, nan_policy: str = "skip", inject
   and the host stops at its next synchronisation ('stop'). `inject_nan_at_step` >= 0 replaces that step's
   loss by NaN (a test switch for the policies).
 
-  The guard costs two scalar tests, not a reduction per parameter leaf: the gradient's global norm
-  ||g||_2 (also the logged `grad_norm`) is non-finite iff some gradient element is non-finite, and the
-  update's squared norm sum(u^2) likewise for the update (a non-finite learning rate or optimiser state
-  makes it non-finite). The parameters are finite from initialisation on, since only finite updates are
-  applied, so the new parameters params + u are finite unless the sum itself overflows float32
-  (|params + u| > 3.4e38). Both norms overflow to inf for a gradient (update) element above ~1.8e19 or a
-  squared norm above ~3.4e38 in float32: such a step is treated as non-finite and skipped too, which is
-  what a step that large deserves.
+  The guard reads two reductions over the concatenated leaves, not one per parameter leaf: the
+  gradient's global norm ||g||_2 (also the logged `grad_norm`), non-finite iff some gradient element is
+  non-finite or sum(g^2) overflows float32 (a gradient element above ~1.8e19, or a squared norm above
+  ~3.4e38: a step that large is skipped too), and the finiteness of the new parameters params + u, which
+  covers a non-finite update (a non-finite learning rate or optimiser state) and a finite update whose
+  sum overflows. The parameters are finite from initialisation on, since only finite ones are kept.
+
+  The step's compiled size is that of the bare step (value_and_grad, the optimiser's update, the new
+  parameters) plus, per parameter leaf, the conditional's plumbing and the EMA's kernel: the new
+  parameters and optimiser state are computed before the conditional, written once and read by both the
+  finiteness test and the conditional, and the EMA follows it with a decay chosen by its branch
+  (`experiments/bench_overhead.py` measures both steps).
   """
   if nan_policy not in NAN_POLICIES:
     raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}.")
@@ -261,28 +265,31 @@ def make_train_step(model, *, ema_decay: float, nan_policy: str = "skip", inject
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grad_norm = jnp.sqrt(_flat_sq_norm(grads))
-    # The optimiser's update is formed before the decision so that its finiteness is part of it; the
-    # parameters, EMA and optimiser state change only inside the conditional below.
     updates, new_opt_state = state.tx.update(grads, state.opt_state, state.params)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(_flat_sq_norm(updates))
+    new_params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(new_params)
     ok = finite & ~state.halted
 
-    def update(operand):
-      params, _, ema, u, opt = operand
-      params = optax.apply_updates(params, u)
-      ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
-      return params, opt, ema
+    def choose(params, opt_state, decay):
+      # The EMA's decay and weight as float32 constants of each branch: (ema_decay, 1 - ema_decay) as
+      # the expression d e + (1 - d) p rounds them, or (1, 0), which leaves the EMA's value unchanged
+      # (1 e + 0 p = e for finite p, the parameters kept).
+      return params, opt_state, jnp.float32(decay), jnp.float32(1.0 - decay)
 
-    def keep(operand):
-      params, opt_state, ema, _, _ = operand
-      return params, opt_state, ema
-
-    # A conditional, not a per-leaf select on `ok`: `ok` depends on every leaf, and XLA's fusion would
-    # copy its computation into each leaf's select kernel (O(leaves^2) code with the former per-leaf
-    # reductions; at paper size, hundreds of leaves, XLA's CPU compilation of this step took over ten
-    # minutes and 20 GB).
-    params, opt_state, ema = jax.lax.cond(
-        ok, update, keep, (state.params, state.opt_state, state.ema_params, updates, new_opt_state))
+    # A conditional, not a per-leaf select on `ok`: `ok` depends on every leaf, and XLA's fusion copies
+    # the computation of a select's operands into each leaf's select kernel (O(leaves^2) code with the
+    # former per-leaf reductions; at paper size, hundreds of leaves, XLA's CPU compilation of this step
+    # took over ten minutes and 20 GB; and with the reductions shared, a copy of the optimiser's update
+    # per select still). The conditional is a fusion boundary: the new parameters and optimiser state
+    # are written once, before it, and read by the finiteness test and by it, so each leaf's update is
+    # computed once. It selects only those two trees; the EMA is one kernel per leaf after it, reading
+    # the parameters it chose and the decay of its branch.
+    params, opt_state, decay, weight = jax.lax.cond(
+        ok, lambda new, old: choose(*new, ema_decay), lambda new, old: choose(*old, 1.0),
+        (new_params, new_opt_state), (state.params, state.opt_state))
+    # The scalars in each leaf's dtype, as the Python floats of d e + (1 - d) p would be.
+    ema = jax.tree.map(lambda e, p: decay.astype(e.dtype) * e + weight.astype(e.dtype) * p,
+                       state.ema_params, params)
     bad = ~finite
     new_state = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
