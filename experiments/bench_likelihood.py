@@ -302,6 +302,8 @@ def main(argv=None):
                            "separate)")
   parser.add_argument("--batch-size", type=int, default=500)
   parser.add_argument("--baselines", choices=("on", "off"), default="on")
+  parser.add_argument("--params", choices=("ema", "raw"), default="ema",
+                      help="the EMA parameters (default) or the raw ones (a run too short for its EMA decay)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--paired-to", default="",
                       help="an estimator label of each run (e.g. elbo_k100): every other entry of that run "
@@ -365,10 +367,10 @@ def main(argv=None):
       raise SystemExit(f"run {name!r} was trained on {config.data.name!r}, not on {data_name!r}.")
     t0 = time.perf_counter()
     _, model, state, step = train._restore_for_inference(config, workdir)  # pylint: disable=protected-access
-    params = state.ema_params
+    params = state.params if args.params == "raw" else state.ema_params
     restore_s = time.perf_counter() - t0
     common = {"run": name, "workdir": workdir, "family": model.family_name, "step": step,
-              "params": "ema", "restore_s": restore_s}
+              "params": args.params, "restore_s": restore_s}
     jobs = []
     if model.native_estimator == "elbo":
       jobs += [(f"elbo_k{k}", {"estimator": "elbo", "time_samples": k}, elbo_fn(model, k), ds, True)

@@ -206,7 +206,8 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0 and FLAGS.mode in ("train", "eval") and "bpd" in result:
     how = result.get("summary", result["estimator"])  # the estimator and its convention
-    print(f"test bits/dim ({how}; {result['num_examples']} images, step "
+    params = "; raw parameters" if result.get("params") == "raw" else ""  # the EMA's unless said
+    print(f"test bits/dim ({how}{params}; {result['num_examples']} images, step "
           f"{result['step']}): {result['bpd']:.4f} +- {result['bpd_stderr']:.4f}", flush=True)
   elif jax.process_index() == 0:
     print(json.dumps(result), flush=True)

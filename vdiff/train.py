@@ -223,8 +223,26 @@ def _flat_sq_norm(tree) -> Array:
   return jnp.sum(v * v)
 
 
-def make_train_step(model, *, ema_decay: float, nan_policy: str = "skip", inject_nan_at_step: int = -1):
+def ema_decay_at(step, ema_decay: float, *, warmup: bool):
+  """The EMA's decay at (0-based) step `step`: ema_decay, or with warmup min(ema_decay, (1 + n) / (10 + n)).
+
+  Without warm-up the EMA starts at the initial parameters and keeps ema_decay^n of them after n
+  updates: 20% after 1,600 steps at 0.999, which dominates a short run's EMA (the photos VDM's test
+  bits/dim were 6.07 with its EMA against 3.71 with its parameters). The warm-up (the num_updates rule of
+  TensorFlow's ExponentialMovingAverage) starts at decay 0.1 and reaches ema_decay after about
+  9 / (1 - ema_decay) steps, so early parameters fade out as fast as the run moves on.
+  """
+  if not warmup:
+    return jnp.float32(ema_decay)
+  n = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(jnp.float32(ema_decay), (1.0 + n) / (10.0 + n))
+
+
+def make_train_step(model, *, ema_decay: float, nan_policy: str = "skip", inject_nan_at_step: int = -1,
+                    ema_warmup: bool = False):
   """One optimisation step (state, batch) -> (state, metrics), pure and jit-able.
+
+  The EMA of the parameters decays by `ema_decay_at(state.step, ema_decay, warmup=ema_warmup)`.
 
   The step's randomness is fold_in(state.rng, state.step). A non-finite loss, gradient or updated
   parameter never reaches the state: the update is dropped and counted ('skip'), or the state is frozen
@@ -285,7 +303,8 @@ def make_train_step(model, *, ema_decay: float, nan_policy: str = "skip", inject
     # computed once. It selects only those two trees; the EMA is one kernel per leaf after it, reading
     # the parameters it chose and the decay of its branch.
     params, opt_state, decay, weight = jax.lax.cond(
-        ok, lambda new, old: choose(*new, ema_decay), lambda new, old: choose(*old, 1.0),
+        ok, lambda new, old: choose(*new, ema_decay_at(state.step, ema_decay, warmup=ema_warmup)),
+        lambda new, old: choose(*old, 1.0),
         (new_params, new_opt_state), (state.params, state.opt_state))
     # The scalars in each leaf's dtype, as the Python floats of d e + (1 - d) p would be.
     ema = jax.tree.map(lambda e, p: decay.astype(e.dtype) * e + weight.astype(e.dtype) * p,
@@ -557,6 +576,10 @@ def validate_config(config) -> None:
                   f"training.steps_per_dispatch ({t.steps_per_dispatch})")
   if not 0.0 <= t.ema_decay < 1.0:
     errors.append(f"training.ema_decay must be in [0, 1), got {t.ema_decay}")
+  if not isinstance(t.get("ema_warmup", False), bool):
+    errors.append(f"training.ema_warmup must be True or False, got {t.get('ema_warmup')!r}")
+  if config.eval.get("params", "ema") not in EVAL_PARAMS:
+    errors.append(f"eval.params must be one of {EVAL_PARAMS}, got {config.eval.get('params')!r}")
   if t.nan_policy not in NAN_POLICIES:
     errors.append(f"training.nan_policy must be one of {NAN_POLICIES}, got {t.nan_policy!r}")
   o = config.optim
@@ -701,7 +724,8 @@ def _train_and_evaluate(config, workdir, changes) -> dict:
     workdir_lib.prune(mngr, t.max_checkpoints_to_keep)
   workdir_lib.record_config(workdir, config, step=start, changes=changes)
 
-  step_fn = make_train_step(model, ema_decay=t.ema_decay, nan_policy=t.nan_policy,
+  step_fn = make_train_step(model, ema_decay=t.ema_decay, ema_warmup=bool(t.get("ema_warmup", False)),
+                            nan_policy=t.nan_policy,
                             inject_nan_at_step=t.inject_nan_at_step)
   n = t.steps_per_dispatch
   train_step = jit_train_step(step_fn, mesh, steps_per_dispatch=n)
@@ -805,7 +829,7 @@ def _train_and_evaluate(config, workdir, changes) -> dict:
         mngr.close()
         return {"step": step, "preempted": True, "signal": name}
       if _crossed(prev, step, t.eval_every) and not is_last:
-        last_eval = evaluate(model, state.ema_params, test_ds, estimator=config.eval.estimator,
+        last_eval = evaluate(model, eval_params(state, config), test_ds, estimator=config.eval.estimator,
                              eval_cfg=config.eval, mesh=mesh, rng=eval_rng, split=config.eval.split,
                              step=step, progress=False, workdir=workdir)
         row = {"step": step, "eval_bpd": last_eval["bpd"], "eval_bpd_stderr": last_eval["bpd_stderr"]}
@@ -818,10 +842,10 @@ def _train_and_evaluate(config, workdir, changes) -> dict:
     wait_for(step)
   bar.close()
   mngr.wait_until_finished()
-  last_eval = evaluate(model, state.ema_params, test_ds, estimator=config.eval.estimator,
+  last_eval = evaluate(model, eval_params(state, config), test_ds, estimator=config.eval.estimator,
                        eval_cfg=config.eval, mesh=mesh, rng=eval_rng, split=config.eval.split,
                        step=step, workdir=workdir)
-  last_eval["params"] = "ema"
+  last_eval["params"] = config.eval.get("params", "ema")
   write_json(os.path.join(workdir, "eval.json"), last_eval)
   row = {"step": step, "eval_bpd": last_eval["bpd"], "eval_bpd_stderr": last_eval["bpd_stderr"]}
   append_jsonl(metrics_path, row)
@@ -851,16 +875,30 @@ def _restore_for_inference(config, workdir):
   return mesh, model, state, int(step)
 
 
+EVAL_PARAMS = ("ema", "raw")
+
+
+def eval_params(state, config):
+  """The parameters evaluations use: the EMA (eval.params='ema', the default) or the raw parameters
+  ('raw'; e.g. for a run too short for its EMA decay, see `ema_decay_at`). Samples use the EMA."""
+  which = config.eval.get("params", "ema")
+  return state.params if which == "raw" else state.ema_params
+
+
 def evaluate_checkpoint(config, workdir: str) -> dict:
-  """--mode=eval: evaluate the newest checkpoint's EMA parameters with config.eval.estimator."""
+  """--mode=eval: evaluate the newest checkpoint's parameters (eval.params: the EMA by default) with
+  config.eval.estimator; the result goes to eval_<estimator>.json (eval_<estimator>_raw.json for the raw
+  parameters, so that neither overwrites the other)."""
   mesh, model, state, step = _restore_for_inference(config, workdir)
   ds = load_data(config, config.eval.split)
-  result = evaluate(model, state.ema_params, ds, estimator=config.eval.estimator,
+  which = config.eval.get("params", "ema")
+  result = evaluate(model, eval_params(state, config), ds, estimator=config.eval.estimator,
                     eval_cfg=config.eval, mesh=mesh, rng=jax.random.PRNGKey(config.seed + 1),
                     split=config.eval.split, step=step, workdir=workdir)
-  result["params"] = "ema"
+  result["params"] = which
   # eval.json stays the training run's own evaluation; each estimator's --mode=eval result has its file.
-  write_json(os.path.join(workdir, f"eval_{config.eval.estimator}.json"), result)
+  suffix = "_raw" if which == "raw" else ""
+  write_json(os.path.join(workdir, f"eval_{config.eval.estimator}{suffix}.json"), result)
   return result
 
 

@@ -88,6 +88,8 @@ _CONDITIONALLY_GUARDED = (
 # describe the same run; any other new value is a change like any other.
 ADDED_KEY_DEFAULTS = {
     "model.score.fourier_damping": False,
+    "training.ema_warmup": False,
+    "eval.params": "ema",
 }
 
 

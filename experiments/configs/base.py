@@ -84,6 +84,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   t.num_steps = 10_000_000
   t.steps_per_dispatch = 1
   t.ema_decay = 0.9999
+  t.ema_warmup = False      # decay min(ema_decay, (1 + n) / (10 + n)) at step n (train.ema_decay_at)
   t.log_every = 100
   t.eval_every = 10_000
   t.checkpoint_every = 10_000
@@ -104,6 +105,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   ev.num_examples = 0        # 0 = the whole split
   ev.estimator = "elbo"      # elbo | cdm | ode
   ev.num_time_samples = 1    # ELBO: Monte-Carlo time samples per image
+  ev.params = "ema"          # ema | raw: the parameters every evaluation uses (train.eval_params)
   # cdm / ode: uniform = a density on uniformly dequantised data (+ log2(K/2) bits/dim; CDM class 0);
   # forward = a discrete bound with the forward process q(z_t0 | k) and the K-level decoder, comparable
   # with the ELBO (ODE from ode_t0 to 1; CDM class 1). See vdiff/evaluate.py.
