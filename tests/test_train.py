@@ -267,6 +267,7 @@ def test_cli_refuses_unknown_config_key(tmp_path):
     ("training.nan_policy", "ignore", "training.nan_policy"),
     ("training.ema_decay", 1.5, "training.ema_decay"),
     ("eval.params", "last", r"eval.params must be one of \('ema', 'raw'\)"),
+    ("sample.params", "best", r"sample.params must be one of \('ema', 'raw'\)"),
     ("model.family", "gan", "model.family"),
     ("eval.estimator", "bogus", "eval.estimator"),
     # Settings that used to fail only after the whole training run, or deep inside it without the key:
@@ -449,3 +450,11 @@ def test_eval_params_raw_evaluates_the_raw_parameters_into_its_own_file(tmp_path
   direct = train.evaluate(model, state.params, ds, estimator="elbo", eval_cfg=config.eval, mesh=mesh,
                           rng=jax.random.PRNGKey(config.seed + 1), split="test", step=step)
   assert abs(direct["bpd"] - raw["bpd"]) < 1e-6, (direct["bpd"], raw["bpd"])
+  # --mode=sample with sample.params='raw': samples of state.params, in a file of their own.
+  cfg = tiny_config(**{"training.num_steps": 3, "training.ema_decay": 0.99, "sample.params": "raw"})
+  got = train.sample_checkpoint(cfg, wd)
+  base = train.sample_file_base(wd, step, cfg.sample, describe=True)
+  assert base.endswith("_raw") and os.path.exists(base + ".png")
+  want = model.sample(state.params, train.sample_key(cfg.seed, step), cfg.sample.num_samples,
+                      num_steps=cfg.sample.num_steps, sampler=cfg.sample.sampler)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -507,6 +507,8 @@ def sample_file_base(workdir: str, step: int, sample_cfg, *, describe: bool = Fa
     name += f"_{s.sampler}_n{int(s.num_steps)}_eta{float(s.eta):g}_w{float(s.guidance_weight):g}"
     if s.label >= 0:
       name += f"_label{int(s.label)}"
+    if s.get("params", "ema") == "raw":
+      name += "_raw"
   return os.path.join(workdir, name)
 
 
@@ -578,8 +580,10 @@ def validate_config(config) -> None:
     errors.append(f"training.ema_decay must be in [0, 1), got {t.ema_decay}")
   if not isinstance(t.get("ema_warmup", False), bool):
     errors.append(f"training.ema_warmup must be True or False, got {t.get('ema_warmup')!r}")
-  if config.eval.get("params", "ema") not in EVAL_PARAMS:
-    errors.append(f"eval.params must be one of {EVAL_PARAMS}, got {config.eval.get('params')!r}")
+  for section in ("eval", "sample"):
+    if config[section].get("params", "ema") not in EVAL_PARAMS:
+      errors.append(f"{section}.params must be one of {EVAL_PARAMS}, got "
+                    f"{config[section].get('params')!r}")
   if t.nan_policy not in NAN_POLICIES:
     errors.append(f"training.nan_policy must be one of {NAN_POLICIES}, got {t.nan_policy!r}")
   o = config.optim
@@ -880,7 +884,8 @@ EVAL_PARAMS = ("ema", "raw")
 
 def eval_params(state, config):
   """The parameters evaluations use: the EMA (eval.params='ema', the default) or the raw parameters
-  ('raw'; e.g. for a run too short for its EMA decay, see `ema_decay_at`). Samples use the EMA."""
+  ('raw'; e.g. for a run too short for its EMA decay, see `ema_decay_at`). --mode=sample reads
+  sample.params likewise; training's periodic samples use the EMA."""
   which = config.eval.get("params", "ema")
   return state.params if which == "raw" else state.ema_params
 
@@ -906,7 +911,9 @@ def sample_checkpoint(config, workdir: str) -> np.ndarray:
   """--mode=sample: draw config.sample.num_samples samples from the newest checkpoint and write them as
   sample_file_base(workdir, step, config.sample, describe=True) + .png / .npz (the path is printed)."""
   _, model, state, step = _restore_for_inference(config, workdir)
-  samples = _sample_and_save(model, state.ema_params, config, workdir, step, sample_key(config.seed, step),
+  # sample.params: the EMA parameters (the default) or the raw ones (file name ending in _raw).
+  params = state.params if config.sample.get("params", "ema") == "raw" else state.ema_params
+  samples = _sample_and_save(model, params, config, workdir, step, sample_key(config.seed, step),
                              describe=True)
   base = sample_file_base(workdir, step, config.sample, describe=True)
   _say(f"wrote {samples.shape[0]} samples (step {step}) to {base}.png and {base}.npz")

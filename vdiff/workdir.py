@@ -90,6 +90,7 @@ ADDED_KEY_DEFAULTS = {
     "model.score.fourier_damping": False,
     "training.ema_warmup": False,
     "eval.params": "ema",
+    "sample.params": "ema",
 }
 
 

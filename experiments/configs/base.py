@@ -128,6 +128,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   sm.guidance_weight = 0.0
   sm.label = -1              # class to sample when conditional; -1 = unconditional
   sm.num_samples = 64
+  sm.params = "ema"          # ema | raw: the parameters --mode=sample uses
   return c
 
 
