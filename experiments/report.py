@@ -237,8 +237,10 @@ def plot_bench(bench: dict, out_dir: str, tag: str | None = None) -> dict:
 
   # 2. bpd against seconds per image, one point per estimator.
   fig, ax = plt.subplots(figsize=(6, 4))
-  for r in bench["results"]:
-    ax.errorbar(r["seconds_per_image"], r["bpd"], yerr=r["bpd_stderr"], marker="o", capsize=3,
+  # Ten colours cycle; the marker changes with each cycle, so that no two estimators look the same.
+  for i, r in enumerate(bench["results"]):
+    ax.errorbar(r["seconds_per_image"], r["bpd"], yerr=r["bpd_stderr"], marker="osD^v"[(i // 10) % 5],
+                color=f"C{i % 10}", capsize=3,
                 label=f"{r['label']} (nfe {r['nfe']:.0f}, n={r['num_examples']})")
   b = bench.get("baselines") or {}
   styles = {"lzma": ":", "gzip": "-."}

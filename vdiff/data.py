@@ -107,7 +107,8 @@ class Dataset:
       with a dequantised continuous bound (CDM, ODE) converted by `likelihood.nats_to_bpd`. None otherwise.
     true_bpd_stderr: Monte-Carlo standard error of true_bpd (0.0 when exact); None when true_bpd is None.
     metadata: what the source records about where the examples came from (`photos`: the photos, the
-      patch stride, the counts, each patch's photo and position); empty for the other sources.
+      patch stride, the counts, each patch's photo and position; `gaussian_mixture`: its means, stds and
+      weights); empty for the other sources.
   """
   images: np.ndarray = dataclasses.field(repr=False)
   labels: np.ndarray = dataclasses.field(repr=False)
@@ -780,7 +781,10 @@ def _load_gaussian_mixture(name: str, *, split: str, seed: int, num_levels: int 
                                              num_levels=num_levels, num_samples=entropy_samples, seed=seed)
   return Dataset(images=_quantize(x, num_levels).reshape((n,) + shape), labels=comp.astype(np.int32),
                  num_levels=num_levels, name=name, num_labels=len(weights), true_bpd=bpd,
-                 true_bpd_stderr=stderr)
+                 true_bpd_stderr=stderr,
+                 # The distribution itself ([M, D] float64 arrays and [M]), for exact computations such
+                 # as `gaussian_mixture_log_prob` or the exact denoiser (experiments/diagnose_ode.py).
+                 metadata={"means": means, "stds": stds, "weights": weights})
 
 
 def _load_uniform(name: str, *, split: str, seed: int, num_levels: int = 256,
