@@ -882,11 +882,11 @@ def _restore_for_inference(config, workdir):
 EVAL_PARAMS = ("ema", "raw")
 
 
-def eval_params(state, config):
+def eval_params(state, config, section: str = "eval"):
   """The parameters evaluations use: the EMA (eval.params='ema', the default) or the raw parameters
   ('raw'; e.g. for a run too short for its EMA decay, see `ema_decay_at`). --mode=sample reads
   sample.params likewise; training's periodic samples use the EMA."""
-  which = config.eval.get("params", "ema")
+  which = config[section].get("params", "ema")
   return state.params if which == "raw" else state.ema_params
 
 
@@ -912,8 +912,7 @@ def sample_checkpoint(config, workdir: str) -> np.ndarray:
   sample_file_base(workdir, step, config.sample, describe=True) + .png / .npz (the path is printed)."""
   _, model, state, step = _restore_for_inference(config, workdir)
   # sample.params: the EMA parameters (the default) or the raw ones (file name ending in _raw).
-  params = state.params if config.sample.get("params", "ema") == "raw" else state.ema_params
-  samples = _sample_and_save(model, params, config, workdir, step, sample_key(config.seed, step),
+  samples = _sample_and_save(model, eval_params(state, config, "sample"), config, workdir, step, sample_key(config.seed, step),
                              describe=True)
   base = sample_file_base(workdir, step, config.sample, describe=True)
   _say(f"wrote {samples.shape[0]} samples (step {step}) to {base}.png and {base}.npz")
