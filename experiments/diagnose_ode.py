@@ -129,12 +129,12 @@ def main(argv=None):
           f"{row['div_model']:10.2f} {row['div_exact']:10.2f} {row['div_abs_diff']:11.2f}", flush=True)
 
   candidates = [("exact", exact), ("model", learned)]
+  def switch(lo, hi, ts):  # lo's eps for t < ts, hi's above
+    return lambda z, t: jnp.where((t < ts)[:, None, None, None], lo(z, t), hi(z, t))
+
   for ts in (float(v) for v in args.split_times.split(",") if v):
-    def below(z, t, ts=ts, lo=learned, hi=exact):
-      return jnp.where((t < ts)[:, None, None, None], lo(z, t), hi(z, t))
-    def above(z, t, ts=ts, lo=exact, hi=learned):
-      return jnp.where((t < ts)[:, None, None, None], lo(z, t), hi(z, t))
-    candidates += [(f"model below t={ts:g}, exact above", below), (f"exact below t={ts:g}, model above", above)]
+    candidates += [(f"model below t={ts:g}, exact above", switch(learned, exact, ts)),
+                   (f"exact below t={ts:g}, model above", switch(exact, learned, ts))]
   for name, fn in candidates:
     t0 = time.perf_counter()
     nll = jax.jit(lambda r, kk, fn=fn: ode.ode_nll(r, fn, schedule, kk, num_levels=ds.num_levels,

@@ -578,8 +578,6 @@ def validate_config(config) -> None:
                   f"training.steps_per_dispatch ({t.steps_per_dispatch})")
   if not 0.0 <= t.ema_decay < 1.0:
     errors.append(f"training.ema_decay must be in [0, 1), got {t.ema_decay}")
-  if not isinstance(t.get("ema_warmup", False), bool):
-    errors.append(f"training.ema_warmup must be True or False, got {t.get('ema_warmup')!r}")
   for section in ("eval", "sample"):
     if config[section].get("params", "ema") not in EVAL_PARAMS:
       errors.append(f"{section}.params must be one of {EVAL_PARAMS}, got "
@@ -912,8 +910,8 @@ def sample_checkpoint(config, workdir: str) -> np.ndarray:
   sample_file_base(workdir, step, config.sample, describe=True) + .png / .npz (the path is printed)."""
   _, model, state, step = _restore_for_inference(config, workdir)
   # sample.params: the EMA parameters (the default) or the raw ones (file name ending in _raw).
-  samples = _sample_and_save(model, eval_params(state, config, "sample"), config, workdir, step, sample_key(config.seed, step),
-                             describe=True)
+  samples = _sample_and_save(model, eval_params(state, config, "sample"), config, workdir, step,
+                             sample_key(config.seed, step), describe=True)
   base = sample_file_base(workdir, step, config.sample, describe=True)
   _say(f"wrote {samples.shape[0]} samples (step {step}) to {base}.png and {base}.npz")
   return samples
