@@ -26,7 +26,8 @@ has a known entropy (`true_bpd`, data of known density), the gap to it is report
 standard error; where the exact per-image -log2 P(k) is available (gaussian_mixture with its default
 parameters, uniform) also the PAIRED gap mean_i(bpd_i - true_i), whose standard error excludes the
 image-to-image spread that every estimator shares (much smaller). The compressor baselines
-(vdiff/baselines.py) are computed on the same images.
+(vdiff/baselines.py) are computed on the same images. On the photos benchmark every estimator and every
+per-image codec is also broken down by test photo (`bpd_by_group`, the mean over that photo's images).
 
   python -m experiments.bench_likelihood --workdirs vdm=/tmp/kd/vdm,cdm=/tmp/kd/cdm \
       --num-examples 500 --elbo-samples 1,10,100 --ode on --ode-examples 16 --out bench.json
@@ -267,6 +268,31 @@ def subset(ds, n: int):
   return dataclasses.replace(ds, images=ds.images[:n], labels=ds.labels[:n])
 
 
+def photo_groups(ds, n: int | None = None):
+  """(photo of each of the first n images, int [n]; the photos' names), or None where the dataset does
+  not record a photo per image (every source but `photos`)."""
+  meta = ds.metadata or {}
+  if "photo_index" not in meta:
+    return None
+  n = len(ds) if n is None else n
+  return np.asarray(meta["photo_index"])[:n], [p["name"] for p in meta["photos"]]
+
+
+def group_kwargs(groups) -> dict:
+  """`photo_groups` as the keyword arguments of baselines.compress_all (nothing where it is None)."""
+  return {} if groups is None else {"groups": groups[0], "group_names": groups[1]}
+
+
+def by_photo(per_image_bpd, groups) -> dict | None:
+  """{photo name: mean bits/dim of its images} over the photos present, from `photo_groups`."""
+  if groups is None:
+    return None
+  index, names = groups
+  x = np.asarray(per_image_bpd, np.float64)
+  index = index[:len(x)]
+  return {names[i]: float(x[index == i].mean()) for i in np.unique(index)}
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -331,6 +357,7 @@ def main(argv=None):
   full = data_lib.load(data_name, split=args.split, seed=seed, **load_kw)
   ds = subset(full, args.num_examples)
   truth = per_image_true_bpd(ds)
+  groups = photo_groups(full, len(ds))  # photos: each result and codec is also broken down by photo
   hw = hardware()
 
   doc = {
@@ -401,6 +428,8 @@ def main(argv=None):
         entry = add_paired_gap(entry, entry["per_image_bpd"], per_image.get(args.paired_to),
                                args.paired_to)
       entry = add_gaps(entry, sub, truth)
+      if groups is not None:
+        entry["bpd_by_group"] = by_photo(entry["per_image_bpd"], groups)
       doc["results"].append(dict(common, label=f"{name}/{label}", **meta, **entry))
       # Written after every estimator, marked partial: a slow ODE that is cut short loses nothing else.
       _write(dict(doc, partial=True, wall_seconds=time.time() - t_start), args.out)
@@ -409,7 +438,7 @@ def main(argv=None):
 
   if args.baselines == "on":
     t0 = time.perf_counter()
-    doc["baselines"] = baselines.compress_all(ds.images, ds.num_levels)
+    doc["baselines"] = baselines.compress_all(ds.images, ds.num_levels, **group_kwargs(groups))
     doc["baselines"]["seconds"] = time.perf_counter() - t0
     if full.true_bpd is not None:
       for m in baselines.METHODS:

@@ -21,6 +21,7 @@ import platform
 import sys
 import time
 
+from experiments import bench_likelihood
 from experiments import jsonout
 
 ORDER = ("jpegxl", "webp", "jpegls", "png", "png_net", "lzma", "lzma_per_image", "gzip", "gzip_per_image")
@@ -37,6 +38,13 @@ def table(doc: dict) -> str:
            "", "| codec | bits/dim | bytes | what is counted |", "|---|---|---|---|"]
   for m in rows:
     lines.append(f"| {m} | {b[m]['bpd']:.3f} | {b[m]['bytes']} | {b[m]['note']} |")
+  by_group = [m for m in rows if "bpd_by_group" in b[m]]
+  if by_group:
+    names = list(b[by_group[0]]["bpd_by_group"])
+    lines += ["", "bits/dim by photo:", "", "| codec | " + " | ".join(names) + " |",
+              "|---|" + "---|" * len(names)]
+    for m in by_group:
+      lines.append(f"| {m} | " + " | ".join(f"{b[m]['bpd_by_group'][g]:.3f}" for g in names) + " |")
   if b.get("unavailable"):
     lines.append(f"\nleft out (library not installed): {', '.join(b['unavailable'])}")
   return "\n".join(lines)
@@ -61,7 +69,9 @@ def main(argv=None) -> dict:
   images = ds.images[:args.num_examples] if args.num_examples else ds.images
   methods = tuple(m for m in args.methods.split(",") if m) or None
   t0 = time.perf_counter()
-  result = baselines.compress_all(images, ds.num_levels, methods=methods)
+  groups = bench_likelihood.photo_groups(ds, len(images))  # photos: also by test photo
+  result = baselines.compress_all(images, ds.num_levels, methods=methods,
+                                  **bench_likelihood.group_kwargs(groups))
   seconds = time.perf_counter() - t0
   versions = data_lib.package_versions(("pillow", "imagecodecs", "numpy"))
   if "imagecodecs" in sys.modules:

@@ -165,3 +165,43 @@ def test_codec_baselines_command_prints_a_table_and_json(capsys):
   b = doc["baselines"]
   assert b["num_images"] == 20 and b["num_dims"] == 64 and doc["data"]["num_levels"] == 17
   assert b["png"]["bpd"] == pytest.approx(8.0 * b["png"]["bytes"] / (20 * 64), rel=1e-12)
+
+
+def test_bpd_by_group_is_each_groups_own_code():
+  # Each group's bits/dim is that of compress_all on the group's images alone (an independent call);
+  # the whole-array codes have no per-group figure; a group array of the wrong shape is refused.
+  images = _patches(3)
+  groups = np.array([1, 0, 1, 2, 0])
+  methods = ("png", "lzma", "gzip_per_image", "webp")
+  out = baselines.compress_all(images, 256, methods=methods, groups=groups, group_names=["a", "b", "c"])
+  for m in ("png", "gzip_per_image", "webp"):
+    assert set(out[m]["bpd_by_group"]) == {"a", "b", "c"}, m
+    for g, name in enumerate("abc"):
+      alone = baselines.compress_all(images[groups == g], 256, methods=(m,))
+      assert out[m]["bpd_by_group"][name] == pytest.approx(alone[m]["bpd"], rel=1e-12), (m, name)
+    sizes = [np.sum(groups == g) for g in range(3)]
+    assert np.dot(sizes, [out[m]["bpd_by_group"][n] for n in "abc"]) / 5 == pytest.approx(out[m]["bpd"])
+  assert "bpd_by_group" not in out["lzma"]
+  with pytest.raises(ValueError, match="groups"):
+    baselines.compress_all(images, 256, methods=("png",), groups=groups[:4])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("skimage") is None, reason="photos need scikit-image")
+def test_codec_baselines_on_photos_break_down_by_photo(capsys):
+  from experiments import bench_likelihood
+  from experiments import codec_baselines
+  from vdiff import data
+  doc = codec_baselines.main(["--data=photos", "--num-examples=40", "--methods=png"])
+  ds = data.load("photos", split="test")
+  index = ds.metadata["photo_index"][:40]
+  by = doc["baselines"]["png"]["bpd_by_group"]
+  assert set(by) == {p["name"] for i, p in enumerate(ds.metadata["photos"]) if np.any(index == i)}
+  for i, p in enumerate(ds.metadata["photos"]):
+    own = sum(baselines.png_bytes(x) for x in ds.images[:40][index == i])
+    assert by[p["name"]] == pytest.approx(8.0 * own / (np.sum(index == i) * 3072), rel=1e-12)
+  assert "bits/dim by photo" in capsys.readouterr().err
+  # An estimator's per-image bits/dim are averaged over the same photos.
+  values = np.arange(40, dtype=np.float64)
+  means = bench_likelihood.by_photo(values, bench_likelihood.photo_groups(ds, 40))
+  assert means == {p["name"]: float(values[index == i].mean()) for i, p in enumerate(ds.metadata["photos"])}
+  assert bench_likelihood.photo_groups(data.load("digits", split="test")) is None

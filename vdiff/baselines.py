@@ -229,11 +229,13 @@ def gzip_bytes(data: bytes) -> int:
   return len(gzip_encode(data))
 
 
-def _per_image(fn: Callable[[bytes], int], images: np.ndarray) -> int:
-  return sum(fn(img.tobytes()) for img in images)
+def _per_image(fn: Callable[[bytes], int], images: np.ndarray) -> np.ndarray:
+  """int64 [N]: the bytes of fn's code of each image's raw bytes."""
+  return np.array([fn(img.tobytes()) for img in images], np.int64)
 
 
-def compress_all(images, num_levels: int, *, methods: tuple[str, ...] | None = None) -> dict:
+def compress_all(images, num_levels: int, *, methods: tuple[str, ...] | None = None,
+                 groups=None, group_names=None) -> dict:
   """Bits/dim of every compressor baseline on K-level images [N, H, W, C].
 
   Args:
@@ -241,13 +243,24 @@ def compress_all(images, num_levels: int, *, methods: tuple[str, ...] | None = N
     num_levels: K (<= 256: one byte per dimension).
     methods: a subset of METHODS (default: all whose library is installed; the image codecs are
       skipped when C is not 1 or 3). Asking for a method whose library is missing raises ImportError.
+    groups: optional int [N], a group per image (e.g. the photos' `photo_index`): every code that codes
+      each image on its own (PER_IMAGE_METHODS) also reports its bits/dim over each group's images.
+    group_names: optional names of the groups (group g is group_names[g]), the keys of "bpd_by_group".
   Returns:
     {method: {"bpd": bits/dim, "bytes": total compressed bytes, "note": what is counted}} plus
     "num_images", "num_dims", "raw_bpd" (8: the uncompressed bytes), "uniform_bpd" (log2 K, the
     code that ignores the data) and "unavailable" (default methods left out for a missing library).
+    With `groups`, each per-image method's entry also holds "bpd_by_group" {group (its name where
+    given): bits/dim of the group's images}; the whole-array codes (lzma, gzip) have none (their bytes
+    are not per image).
   """
   x = _as_bytes(images, num_levels)
   n, d = x.shape[0], int(np.prod(x.shape[1:]))
+  if groups is not None:
+    groups = np.asarray(groups)
+    if groups.shape != (n,) or not np.issubdtype(groups.dtype, np.integer):
+      raise ValueError(f"groups must be an integer array of shape ({n},) (one group per image), got "
+                       f"{groups.dtype} {groups.shape}.")
   unavailable = [m for m in METHODS if not available(m)]
   if methods is None:
     methods = tuple(m for m in METHODS if m not in unavailable)
@@ -263,30 +276,42 @@ def compress_all(images, num_levels: int, *, methods: tuple[str, ...] | None = N
     methods = tuple(m for m in methods if not (m.startswith("png") or m in IMAGE_CODECS))
   out = {"num_images": n, "num_dims": d, "num_levels": int(num_levels), "raw_bpd": 8.0,
          "uniform_bpd": math.log2(num_levels), "unavailable": unavailable}
-  png_total = None
+  png_sizes = None
   for m in methods:
+    sizes = None  # bytes of each image's own code, for the per-image methods
     if m in ("png", "png_net"):
-      if png_total is None:
-        png_total = sum(png_bytes(img) for img in x)
+      if png_sizes is None:
+        png_sizes = np.array([png_bytes(img) for img in x], np.int64)
       if m == "png":
-        b, note = png_total, "per-image PNG files, per-file headers included"
+        sizes, note = png_sizes, "per-image PNG files, per-file headers included"
       else:
         overhead = png_overhead_bytes(x.shape[-1])
-        b = png_total - n * overhead
+        sizes = png_sizes - overhead
         note = f"per-image PNG minus {overhead} bytes per image (size of a 1x1 PNG); not a full code"
     elif m == "lzma":
       b, note = lzma_bytes(x.tobytes()), "xz, preset 9|EXTREME, whole array, one header"
     elif m == "lzma_per_image":
-      b, note = _per_image(lzma_bytes, x), "xz, preset 9|EXTREME, each image with its own header"
+      sizes, note = _per_image(lzma_bytes, x), "xz, preset 9|EXTREME, each image with its own header"
     elif m == "gzip":
       b, note = gzip_bytes(x.tobytes()), "gzip level 9, whole array, one header"
     elif m == "gzip_per_image":
-      b, note = _per_image(gzip_bytes, x), "gzip level 9, each image with its own header"
+      sizes, note = _per_image(gzip_bytes, x), "gzip level 9, each image with its own header"
     else:
       encode, note, _ = IMAGE_CODECS[m]
-      b = sum(len(encode(img)) for img in x)
+      sizes = np.array([len(encode(img)) for img in x], np.int64)
+    if sizes is not None:
+      b = int(sizes.sum())
     out[m] = {"bpd": bits_per_dim(b, n, d), "bytes": int(b), "note": note}
+    if sizes is not None and groups is not None:
+      out[m]["bpd_by_group"] = {
+          (int(g) if group_names is None else group_names[g]):
+              bits_per_dim(int(sizes[groups == g].sum()), int(np.sum(groups == g)), d)
+          for g in np.unique(groups)}
   return out
+
+
+# The methods that code each image on its own (their bytes add up image by image).
+PER_IMAGE_METHODS = ("png", "png_net", "lzma_per_image", "gzip_per_image", "webp", "jpegxl", "jpegls")
 
 
 METHODS = ("png", "png_net", "lzma", "lzma_per_image", "gzip", "gzip_per_image", "webp", "jpegxl",
