@@ -244,7 +244,8 @@ def compress_all(images, num_levels: int, *, methods: tuple[str, ...] | None = N
     methods: a subset of METHODS (default: all whose library is installed; the image codecs are
       skipped when C is not 1 or 3). Asking for a method whose library is missing raises ImportError.
     groups: optional int [N], a group per image (e.g. the photos' `photo_index`): every code that codes
-      each image on its own (PER_IMAGE_METHODS) also reports its bits/dim over each group's images.
+      each image on its own (png, png_net, webp, jpegxl, jpegls, lzma_per_image,
+      gzip_per_image) also reports its bits/dim over each group's images.
     group_names: optional names of the groups (group g is group_names[g]), the keys of "bpd_by_group".
   Returns:
     {method: {"bpd": bits/dim, "bytes": total compressed bytes, "note": what is counted}} plus
@@ -309,9 +310,6 @@ def compress_all(images, num_levels: int, *, methods: tuple[str, ...] | None = N
           for g in np.unique(groups)}
   return out
 
-
-# The methods that code each image on its own (their bytes add up image by image).
-PER_IMAGE_METHODS = ("png", "png_net", "lzma_per_image", "gzip_per_image", "webp", "jpegxl", "jpegls")
 
 
 METHODS = ("png", "png_net", "lzma", "lzma_per_image", "gzip", "gzip_per_image", "webp", "jpegxl",
