@@ -229,9 +229,9 @@ def gzip_bytes(data: bytes) -> int:
   return len(gzip_encode(data))
 
 
-def _per_image(fn: Callable[[bytes], int], images: np.ndarray) -> np.ndarray:
-  """int64 [N]: the bytes of fn's code of each image's raw bytes."""
-  return np.array([fn(img.tobytes()) for img in images], np.int64)
+def _per_image(fn: Callable[[np.ndarray], int], images: np.ndarray) -> np.ndarray:
+  """int64 [N]: fn(image), the bytes of each image's own code."""
+  return np.array([fn(img) for img in images], np.int64)
 
 
 def compress_all(images, num_levels: int, *, methods: tuple[str, ...] | None = None,
@@ -282,7 +282,7 @@ def compress_all(images, num_levels: int, *, methods: tuple[str, ...] | None = N
     sizes = None  # bytes of each image's own code, for the per-image methods
     if m in ("png", "png_net"):
       if png_sizes is None:
-        png_sizes = np.array([png_bytes(img) for img in x], np.int64)
+        png_sizes = _per_image(png_bytes, x)
       if m == "png":
         sizes, note = png_sizes, "per-image PNG files, per-file headers included"
       else:
@@ -292,14 +292,16 @@ def compress_all(images, num_levels: int, *, methods: tuple[str, ...] | None = N
     elif m == "lzma":
       b, note = lzma_bytes(x.tobytes()), "xz, preset 9|EXTREME, whole array, one header"
     elif m == "lzma_per_image":
-      sizes, note = _per_image(lzma_bytes, x), "xz, preset 9|EXTREME, each image with its own header"
+      sizes = _per_image(lambda img: lzma_bytes(img.tobytes()), x)
+      note = "xz, preset 9|EXTREME, each image with its own header"
     elif m == "gzip":
       b, note = gzip_bytes(x.tobytes()), "gzip level 9, whole array, one header"
     elif m == "gzip_per_image":
-      sizes, note = _per_image(gzip_bytes, x), "gzip level 9, each image with its own header"
+      sizes = _per_image(lambda img: gzip_bytes(img.tobytes()), x)
+      note = "gzip level 9, each image with its own header"
     else:
       encode, note, _ = IMAGE_CODECS[m]
-      sizes = np.array([len(encode(img)) for img in x], np.int64)
+      sizes = _per_image(lambda img: len(encode(img)), x)
     if sizes is not None:
       b = int(sizes.sum())
     out[m] = {"bpd": bits_per_dim(b, n, d), "bytes": int(b), "note": note}
