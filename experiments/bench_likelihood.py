@@ -26,7 +26,8 @@ has a known entropy (`true_bpd`, data of known density), the gap to it is report
 standard error; where the exact per-image -log2 P(k) is available (gaussian_mixture with its default
 parameters, uniform) also the PAIRED gap mean_i(bpd_i - true_i), whose standard error excludes the
 image-to-image spread that every estimator shares (much smaller). The compressor baselines
-(vdiff/baselines.py) are computed on the same images. On the photos benchmark every estimator and every
+(vdiff/baselines.py) are computed on the same images, and each estimator's gap to each per-image
+code is paired over its images (`paired_gap_to_codec`: mean_i(bpd_i - code_i) and its standard error). On the photos benchmark every estimator and every
 per-image codec is also broken down by test photo (`bpd_by_group`, the mean over that photo's images).
 
   python -m experiments.bench_likelihood --workdirs vdm=/tmp/kd/vdm,cdm=/tmp/kd/cdm \
@@ -263,6 +264,27 @@ def add_paired_gap(entry: dict, bpd: np.ndarray, reference: np.ndarray | None, n
   return entry
 
 
+def add_codec_gaps(entry: dict, codes: dict) -> dict:
+  """Each per-image code's paired gap to an estimator: mean_i(bpd_i - code_i) over the estimator's
+  images (the first len(per_image_bpd) of the codes' images) and its standard error over images, as
+  entry["paired_gap_to_codec"][method] = {"gap", "stderr"}. A negative gap codes these images in
+  fewer bits than the codec; the standard error excludes the image-to-image spread that both share.
+
+  codes: `baselines.compress_all(..., per_image=True)`; methods without "bpd_per_image" (the
+  whole-array codes) are left out, and so is everything where the codes cover fewer images."""
+  bpd = np.asarray(entry["per_image_bpd"], np.float64)
+  gaps = {}
+  for method, code in codes.items():
+    if not isinstance(code, dict) or "bpd_per_image" not in code or len(code["bpd_per_image"]) < len(bpd):
+      continue
+    diff = bpd - np.asarray(code["bpd_per_image"][:len(bpd)], np.float64)
+    gaps[method] = {"gap": float(diff.mean()),
+                    "stderr": float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else 0.0}
+  if gaps:
+    entry["paired_gap_to_codec"] = gaps
+  return entry
+
+
 def subset(ds, n: int):
   n = min(n, len(ds)) if n else len(ds)
   return dataclasses.replace(ds, images=ds.images[:n], labels=ds.labels[:n])
@@ -438,8 +460,17 @@ def main(argv=None):
 
   if args.baselines == "on":
     t0 = time.perf_counter()
-    doc["baselines"] = baselines.compress_all(ds.images, ds.num_levels, **group_kwargs(groups))
+    doc["baselines"] = baselines.compress_all(ds.images, ds.num_levels, per_image=True,
+                                              **group_kwargs(groups))
     doc["baselines"]["seconds"] = time.perf_counter() - t0
+    for entry in doc["results"]:
+      add_codec_gaps(entry, doc["baselines"])
+      best = min(entry.get("paired_gap_to_codec", {}).items(),
+                 key=lambda kv: doc["baselines"][kv[0]]["bpd"], default=None)
+      if best is not None:
+        print(f"[bench] {entry['label']} - {best[0]} (the best per-image code), paired over "
+              f"{len(entry['per_image_bpd'])} images: {best[1]['gap']:+.4f} +- {best[1]['stderr']:.4f} "
+              "bits/dim", file=sys.stderr, flush=True)
     if full.true_bpd is not None:
       for m in baselines.METHODS:
         if m in doc["baselines"]:

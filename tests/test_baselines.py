@@ -186,6 +186,21 @@ def test_bpd_by_group_is_each_groups_own_code():
     baselines.compress_all(images, 256, methods=("png",), groups=groups[:4])
 
 
+def test_bpd_per_image_is_each_images_own_code():
+  # Reference: each image's PNG / gzip bytes from the encoders called on that image alone; their mean is
+  # the method's bits/dim. The whole-array codes have no per-image figure, and none is given unasked.
+  images = _patches(3)
+  out = baselines.compress_all(images, 256, methods=("png", "gzip", "gzip_per_image"), per_image=True)
+  d = images[0].size
+  own = {"png": [baselines.png_bytes(x) for x in images],
+         "gzip_per_image": [baselines.gzip_bytes(x.astype(np.uint8).tobytes()) for x in images]}
+  for m, sizes in own.items():
+    assert out[m]["bpd_per_image"] == pytest.approx([8.0 * b / d for b in sizes], rel=1e-12), m
+    assert np.mean(out[m]["bpd_per_image"]) == pytest.approx(out[m]["bpd"], rel=1e-12), m
+  assert "bpd_per_image" not in out["gzip"]
+  assert "bpd_per_image" not in baselines.compress_all(images, 256, methods=("png",))["png"]
+
+
 @pytest.mark.skipif(importlib.util.find_spec("skimage") is None, reason="photos need scikit-image")
 def test_codec_baselines_on_photos_break_down_by_photo(capsys):
   from experiments import bench_likelihood

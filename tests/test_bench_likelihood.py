@@ -24,6 +24,24 @@ def test_paired_gap_to_another_estimator_on_the_same_images():
   assert bench_likelihood.add_paired_gap({}, bpd, ref[:2], "elbo_k100") == {}
 
 
+def test_paired_gap_to_each_per_image_code():
+  # Reference: the per-image differences written out by hand. The codes hold one more image than the
+  # estimator ran on (the ODE's prefix): the gap is over the estimator's images; whole-array codes
+  # (no per-image figure) and codes on fewer images are left out.
+  codes = {"png": {"bpd": 4.0, "bpd_per_image": [4.0, 5.0, 3.0, 9.0]},
+           "webp": {"bpd": 3.0, "bpd_per_image": [3.0, 3.5, 2.0, 8.0]},
+           "lzma": {"bpd": 4.2}, "short": {"bpd": 1.0, "bpd_per_image": [1.0, 1.0]}, "num_images": 4}
+  entry = bench_likelihood.add_codec_gaps({"per_image_bpd": [3.5, 3.1, 2.6]}, codes)
+  gaps = entry["paired_gap_to_codec"]
+  assert set(gaps) == {"png", "webp"}
+  for name, diff in (("png", [-0.5, -1.9, -0.4]), ("webp", [0.5, -0.4, 0.6])):
+    mean = sum(diff) / 3
+    se = math.sqrt(sum((x - mean) ** 2 for x in diff) / 2 / 3)
+    assert math.isclose(gaps[name]["gap"], mean, rel_tol=1e-12), name
+    assert math.isclose(gaps[name]["stderr"], se, rel_tol=1e-12), name
+  assert "paired_gap_to_codec" not in bench_likelihood.add_codec_gaps({"per_image_bpd": [1.0]}, {"lzma": {}})
+
+
 def test_report_merges_bench_files_of_the_same_images_and_refuses_others():
   from experiments import report  # pylint: disable=g-import-not-at-top
   data = {"name": "gaussian_mixture", "split": "test", "num_examples": 500, "shape": [4, 4, 1],

@@ -235,7 +235,7 @@ def _per_image(fn: Callable[[np.ndarray], int], images: np.ndarray) -> np.ndarra
 
 
 def compress_all(images, num_levels: int, *, methods: tuple[str, ...] | None = None,
-                 groups=None, group_names=None) -> dict:
+                 groups=None, group_names=None, per_image: bool = False) -> dict:
   """Bits/dim of every compressor baseline on K-level images [N, H, W, C].
 
   Args:
@@ -247,6 +247,8 @@ def compress_all(images, num_levels: int, *, methods: tuple[str, ...] | None = N
       each image on its own (png, png_net, webp, jpegxl, jpegls, lzma_per_image,
       gzip_per_image) also reports its bits/dim over each group's images.
     group_names: optional names of the groups (group g is group_names[g]), the keys of "bpd_by_group".
+    per_image: also give each per-image method's bits/dim of every image, "bpd_per_image" (a list of N
+      floats, 8 bytes_i / D; their mean is "bpd"), for gaps paired with a model's per-image bits/dim.
   Returns:
     {method: {"bpd": bits/dim, "bytes": total compressed bytes, "note": what is counted}} plus
     "num_images", "num_dims", "raw_bpd" (8: the uncompressed bytes), "uniform_bpd" (log2 K, the
@@ -305,6 +307,8 @@ def compress_all(images, num_levels: int, *, methods: tuple[str, ...] | None = N
     if sizes is not None:
       b = int(sizes.sum())
     out[m] = {"bpd": bits_per_dim(b, n, d), "bytes": int(b), "note": note}
+    if sizes is not None and per_image:
+      out[m]["bpd_per_image"] = (8.0 * sizes / d).tolist()
     if sizes is not None and groups is not None:
       out[m]["bpd_by_group"] = {
           (int(g) if group_names is None else group_names[g]):
