@@ -257,11 +257,14 @@ def add_paired_gap(entry: dict, bpd: np.ndarray, reference: np.ndarray | None, n
   with k = 100 draws, the same 64 as their own batch 1.882)."""
   if reference is None or len(reference) != len(bpd):
     return entry
-  diff = bpd - reference
-  entry[f"paired_gap_to_{name}"] = float(diff.mean())
-  entry[f"paired_gap_to_{name}_stderr"] = (float(diff.std(ddof=1) / math.sqrt(len(diff)))
-                                           if len(diff) > 1 else 0.0)
+  entry[f"paired_gap_to_{name}"], entry[f"paired_gap_to_{name}_stderr"] = _mean_and_stderr(
+      np.asarray(bpd) - np.asarray(reference))
   return entry
+
+
+def _mean_and_stderr(diff: np.ndarray) -> tuple[float, float]:
+  """The mean of per-image differences and its standard error over images (0 for one image)."""
+  return float(diff.mean()), (float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else 0.0)
 
 
 def add_codec_gaps(entry: dict, codes: dict) -> dict:
@@ -277,9 +280,8 @@ def add_codec_gaps(entry: dict, codes: dict) -> dict:
   for method, code in codes.items():
     if not isinstance(code, dict) or "bpd_per_image" not in code or len(code["bpd_per_image"]) < len(bpd):
       continue
-    diff = bpd - np.asarray(code["bpd_per_image"][:len(bpd)], np.float64)
-    gaps[method] = {"gap": float(diff.mean()),
-                    "stderr": float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else 0.0}
+    gap, stderr = _mean_and_stderr(bpd - np.asarray(code["bpd_per_image"][:len(bpd)], np.float64))
+    gaps[method] = {"gap": gap, "stderr": stderr}
   if gaps:
     entry["paired_gap_to_codec"] = gaps
   return entry
