@@ -27,8 +27,9 @@ standard error; where the exact per-image -log2 P(k) is available (gaussian_mixt
 parameters, uniform) also the PAIRED gap mean_i(bpd_i - true_i), whose standard error excludes the
 image-to-image spread that every estimator shares (much smaller). The compressor baselines
 (vdiff/baselines.py) are computed on the same images, and each estimator's gap to each per-image
-code is paired over its images (`paired_gap_to_codec`: mean_i(bpd_i - code_i) and its standard error). On the photos benchmark every estimator and every
-per-image codec is also broken down by test photo (`bpd_by_group`, the mean over that photo's images).
+code is paired over its images (`paired_gap_to_codec`: mean_i(bpd_i - code_i) and its standard error).
+On the photos benchmark every estimator and every per-image codec is also broken down by test photo
+(`bpd_by_group`, the mean over that photo's images).
 
   python -m experiments.bench_likelihood --workdirs vdm=/tmp/kd/vdm,cdm=/tmp/kd/cdm \
       --num-examples 500 --elbo-samples 1,10,100 --ode on --ode-examples 16 --out bench.json
