@@ -317,6 +317,5 @@ def compress_all(images, num_levels: int, *, methods: tuple[str, ...] | None = N
   return out
 
 
-
 METHODS = ("png", "png_net", "lzma", "lzma_per_image", "gzip", "gzip_per_image", "webp", "jpegxl",
            "jpegls")
