@@ -158,6 +158,72 @@ def test_mode_eval_keeps_the_training_eval_json(run):
   assert json.loads(before)["bpd"] == pytest.approx(run["result"]["bpd"], rel=1e-12)
 
 
+def test_mode_sample_keeps_samples_drawn_with_other_unnamed_settings(run):
+  """sample.num_samples is not in the file name: a second --mode=sample with another count moves the
+  first pair of files to ..._replaced_1 instead of overwriting it (before, the first draw was lost);
+  the same draw again moves nothing. Reference: the arrays sample_checkpoint returned."""
+  workdir = run["workdir"]
+  keys = {"sample.sampler": "ddim", "sample.num_steps": 2}
+  base = os.path.join(workdir, "samples_00000020_ddim_n2_eta0_w0")
+  four = train.sample_checkpoint(tiny_config(**keys, **{"sample.num_samples": 4}), workdir)
+  png = open(base + ".png", "rb").read()
+  two = train.sample_checkpoint(tiny_config(**keys, **{"sample.num_samples": 2}), workdir)
+  assert (four.shape[0], two.shape[0]) == (4, 2)
+  np.testing.assert_array_equal(np.load(base + "_replaced_1.npz")["samples"], four)
+  assert open(base + "_replaced_1.png", "rb").read() == png
+  np.testing.assert_array_equal(np.load(base + ".npz")["samples"], two)
+  train.sample_checkpoint(tiny_config(**keys, **{"sample.num_samples": 2}), workdir)
+  assert not os.path.exists(base + "_replaced_2.npz")
+  np.testing.assert_array_equal(np.load(base + ".npz")["samples"], two)
+
+
+def _history(workdir):
+  path = os.path.join(workdir, "eval_history.jsonl")
+  return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+
+
+def test_mode_eval_keeps_every_earlier_result(run):
+  """A second --mode=eval with other settings replaces eval_elbo.json only after appending the first
+  result to eval_history.jsonl (before, the first result was simply overwritten). Reference: the dicts
+  evaluate_checkpoint returned."""
+  workdir = run["workdir"]
+  first = train.evaluate_checkpoint(tiny_config(**{"eval.num_time_samples": 3}), workdir)
+  before = _history(workdir)
+  second = train.evaluate_checkpoint(tiny_config(**{"eval.num_time_samples": 1}), workdir)
+  assert first["bpd"] != second["bpd"]
+  rows = _history(workdir)
+  assert len(rows) == len(before) + 1 and rows[:-1] == before
+  assert rows[-1]["file"] == "eval_elbo.json" and rows[-1]["replaced_at"]
+  assert rows[-1]["result"]["num_time_samples"] == 3
+  assert rows[-1]["result"]["bpd"] == pytest.approx(first["bpd"], rel=1e-12)
+  current = json.load(open(os.path.join(workdir, "eval_elbo.json")))
+  assert current["num_time_samples"] == 1
+  assert current["bpd"] == pytest.approx(second["bpd"], rel=1e-12)
+
+
+def test_resumed_run_keeps_the_earlier_eval_json(tmp_path):
+  """A finished run resumed to more steps evaluates again; its earlier eval.json (step 2) is appended
+  to eval_history.jsonl before eval.json takes the step-4 result, and a file that is not JSON is kept
+  as text rather than lost."""
+  workdir = str(tmp_path / "w")
+  keys = {"training.sample_every": 0, "sample.num_samples": 0, "eval.num_examples": 16}
+  train.train_and_evaluate(tiny_config(**keys, **{"training.num_steps": 2}), workdir)
+  at_2 = json.load(open(os.path.join(workdir, "eval.json")))
+  train.train_and_evaluate(tiny_config(**keys, **{"training.num_steps": 4}), workdir)
+  at_4 = json.load(open(os.path.join(workdir, "eval.json")))
+  assert (at_2["step"], at_4["step"]) == (2, 4)
+  rows = _history(workdir)
+  assert [(r["file"], r["result"]["step"]) for r in rows] == [("eval.json", 2)]
+  assert rows[0]["result"]["bpd"] == at_2["bpd"]
+  from vdiff import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, "eval_ode.json")
+  with open(path, "w") as f:
+    f.write("not json")
+  workdir_lib.replace_json(path, {"step": 4})
+  assert _history(workdir)[-1]["text"] == "not json"
+  assert json.load(open(path)) == {"step": 4}
+
+
 def test_list_shows_every_config_its_words_and_keys():
   from experiments import main  # pylint: disable=g-import-not-at-top
   text = main.list_configs()

@@ -7,6 +7,7 @@ checkpoints, is vdiff/workdir.py):
                    throughput, wall_seconds since the run or resume started, time as a unix timestamp)
   checkpoints/     orbax CheckpointManager steps (asynchronous saves, max_to_keep, checksums, resumable)
   eval.json        the last evaluation: step, split, bpd, bpd_stderr, estimator, num_examples, nfe, ...
+  eval_history.jsonl   every eval.json / eval_<estimator>.json that a later evaluation replaced
   samples_<step>.png / samples_<step>.npz   sample grids and the integer samples (also in TensorBoard)
   samples_<step>_<sampler>_n<steps>_eta<eta>_w<w>.png / .npz   --mode=sample's, named by its settings
   eval_<estimator>.json   --mode=eval's evaluation with that estimator (eval.json stays training's)
@@ -512,6 +513,25 @@ def sample_file_base(workdir: str, step: int, sample_cfg, *, describe: bool = Fa
   return os.path.join(workdir, name)
 
 
+def _keep_other_samples(base: str, samples: np.ndarray) -> None:
+  """Before base.png / base.npz are written: where base.npz holds other samples (settings the file
+  name does not record, such as sample.num_samples or sample.clip_x0), move the pair to
+  base_replaced_<n> (the first n free) rather than overwrite it. The same samples again (a rerun with
+  the same settings and key) are simply written anew."""
+  if not os.path.exists(base + ".npz"):
+    return
+  with np.load(base + ".npz") as old:
+    if "samples" in old.files and np.array_equal(old["samples"], samples):
+      return
+  n = 1
+  while os.path.exists(f"{base}_replaced_{n}.npz") or os.path.exists(f"{base}_replaced_{n}.png"):
+    n += 1
+  for ext in (".npz", ".png"):
+    if os.path.exists(base + ext):
+      os.replace(base + ext, f"{base}_replaced_{n}{ext}")
+  _say(f"{base}.npz held other samples: moved to {base}_replaced_{n}.npz / .png")
+
+
 def _sample_and_save(model, params, config, workdir, step, rng, *, sample_fn=None, describe=False,
                      scalars=None):
   """Draw config.sample.num_samples samples and write them as `sample_file_base(...)` .png/.npz;
@@ -525,6 +545,7 @@ def _sample_and_save(model, params, config, workdir, step, rng, *, sample_fn=Non
   samples = np.asarray(jax.device_get(fn(params, rng, label=label)))
   if jax.process_index() == 0:
     base = sample_file_base(workdir, step, s, describe=describe)
+    _keep_other_samples(base, samples)
     grid.save_grid(base + ".png", samples, model.num_levels)
     np.savez_compressed(base + ".npz", samples=samples, step=step, sampler=s.sampler,
                         num_steps=s.num_steps, eta=s.eta, guidance_weight=s.guidance_weight)
@@ -848,7 +869,7 @@ def _train_and_evaluate(config, workdir, changes) -> dict:
                        eval_cfg=config.eval, mesh=mesh, rng=eval_rng, split=config.eval.split,
                        step=step, workdir=workdir)
   last_eval["params"] = config.eval.get("params", "ema")
-  write_json(os.path.join(workdir, "eval.json"), last_eval)
+  workdir_lib.replace_json(os.path.join(workdir, "eval.json"), last_eval)
   row = {"step": step, "eval_bpd": last_eval["bpd"], "eval_bpd_stderr": last_eval["bpd_stderr"]}
   append_jsonl(metrics_path, row)
   scalars.write(row)
@@ -891,7 +912,8 @@ def eval_params(state, config, section: str = "eval"):
 def evaluate_checkpoint(config, workdir: str) -> dict:
   """--mode=eval: evaluate the newest checkpoint's parameters (eval.params: the EMA by default) with
   config.eval.estimator; the result goes to eval_<estimator>.json (eval_<estimator>_raw.json for the raw
-  parameters, so that neither overwrites the other)."""
+  parameters, so that neither overwrites the other; an earlier result in that file moves to
+  eval_history.jsonl)."""
   mesh, model, state, step = _restore_for_inference(config, workdir)
   ds = load_data(config, config.eval.split)
   which = config.eval.get("params", "ema")
@@ -901,7 +923,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   result["params"] = which
   # eval.json stays the training run's own evaluation; each estimator's --mode=eval result has its file.
   suffix = "_raw" if which == "raw" else ""
-  write_json(os.path.join(workdir, f"eval_{config.eval.estimator}{suffix}.json"), result)
+  workdir_lib.replace_json(os.path.join(workdir, f"eval_{config.eval.estimator}{suffix}.json"), result)
   return result
 
 

@@ -10,6 +10,7 @@ A work directory holds (process 0 writes every file; docs/math.md does not enter
                         `read_metrics` keeps, for every step, the row of the timeline that was resumed
   tensorboard/          the same scalars as TensorBoard event files
   eval.json             the last evaluation
+  eval_history.jsonl    every evaluation result that a later one replaced (`replace_json`)
   checkpoints/<step>/   orbax CheckpointManager steps; `checksums.json` inside each holds the sha256 of
                         every file of the step, written once orbax has finished the save
   checkpoints/corrupt/  checkpoints that failed verification and orbax temporary directories left by a
@@ -27,6 +28,8 @@ Guarantees (each tried by a test in tests/test_workdir.py or tests/test_reliabil
     checkpoint whose tree of shapes and dtypes differs from the run's state is an error naming the
     difference, never taken for corruption: nothing is moved or deleted.
   * `save_checkpoint`: a save that orbax skips is an error, not a silent no-op.
+  * `replace_json`: eval.json and eval_<estimator>.json are replaced only after their earlier content
+    has been appended to eval_history.jsonl (tests/test_cli.py).
 """
 
 from __future__ import annotations
@@ -161,6 +164,29 @@ def append_jsonl(path: str, obj) -> None:
     return
   with open(path, "a") as f:
     f.write(json.dumps(obj, sort_keys=True) + "\n")
+
+
+EVAL_HISTORY = "eval_history.jsonl"
+
+
+def replace_json(path: str, obj) -> None:
+  """`write_json(path, obj)` that loses nothing: an earlier content of path that differs from obj is
+  first appended to eval_history.jsonl beside it, as {"file": name, "replaced_at": time, "result": old},
+  so that an evaluation with other settings, or of a later checkpoint, never erases an earlier one.
+  Earlier content that is not JSON is kept as {"text": ...}. Process 0 only."""
+  if not _is_main():
+    return
+  if os.path.exists(path):
+    with open(path) as f:
+      text = f.read()
+    try:
+      old = {"result": json.loads(text)}
+    except json.JSONDecodeError:
+      old = {"text": text}
+    if old.get("result") != json.loads(json.dumps(obj)):  # compared as they read back from JSON
+      append_jsonl(os.path.join(os.path.dirname(path), EVAL_HISTORY),
+                   {"file": os.path.basename(path), "replaced_at": _now(), **old})
+  write_json(path, obj)
 
 
 def read_metrics(path: str) -> list[dict]:
