@@ -182,13 +182,17 @@ def ode_fn(model, *, tol: float, divergence: str, dequantization: str = "uniform
 
 
 def run_estimator(fn, params, ds, *, batch_size: int, seed: int, dequantized: bool,
-                  warmup: bool = True, precision: str = "highest") -> dict:
+                  warmup: bool = True, precision: str = "highest", per_example: bool = False) -> dict:
   """Per-image bits/dim of `fn` over every image of ds (masked padding), timed after compilation
   (compiled under jax.default_matmul_precision(precision)).
 
   fn is an `evaluate.make_nll_fn` estimator: its nats bound -log P(k) (a uniformly dequantised
   density's D log(K/2) included), so bits/dim are nats_to_bpd(nats, D); `dequantized` (its flag) only
-  names the convention."""
+  names the convention.
+
+  per_example: fn folds each example's index into the key itself (the ODE estimator), so it gets the
+  same key for every batch and each image's draws do not depend on the batch size, as in
+  `vdiff.evaluate`; otherwise batch i gets fold_in(key, i), as the evaluator gives the ELBO and CDM."""
   import contextlib  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from vdiff import data as data_lib  # pylint: disable=g-import-not-at-top
@@ -211,7 +215,7 @@ def run_estimator(fn, params, ds, *, batch_size: int, seed: int, dequantized: bo
   nats, nfe, masks = [], [], []
   t0 = time.perf_counter()
   for i, b in enumerate(batches):
-    n_i, f_i = compiled(params, jax.random.fold_in(rng, i), strip(b))
+    n_i, f_i = compiled(params, rng if per_example else jax.random.fold_in(rng, i), strip(b))
     nats.append(np.asarray(n_i))  # fetching to the host waits for the result
     nfe.append(np.broadcast_to(np.asarray(f_i, np.float64), n_i.shape))
     masks.append(b["mask"].astype(bool))
@@ -447,7 +451,8 @@ def main(argv=None):
       print(f"[bench] {name}: {label} on {len(sub)} images ...", file=sys.stderr, flush=True)
       entry = run_estimator(fn, params, sub, batch_size=min(args.batch_size, len(sub)),
                             seed=args.seed, dequantized=dequantized,
-                            warmup=warm, precision=args.precision)
+                            warmup=warm, precision=args.precision,
+                            per_example=meta["estimator"] == "ode")
       per_image[label] = entry["per_image_bpd"]
       if args.paired_to and label != args.paired_to:
         entry = add_paired_gap(entry, entry["per_image_bpd"], per_image.get(args.paired_to),

@@ -141,7 +141,36 @@ def _flag_error_message(error: Exception, argv) -> str:
         nearest = difflib.get_close_matches(key, keys, n=1, cutoff=0.0)
         return (f"unknown config key {key!r} (from {arg}); the nearest known key is {nearest[0]!r}."
                 if nearest else f"unknown config key {key!r} (from {arg}).")
-  return " ".join(str(error).split())
+  text = str(error)
+  if "Error whilst parsing config file" in text or "Failed loading config file" in text:
+    # The config file's get_config raised (e.g. an unknown argument word): its own message, not the
+    # traceback ml_collections quotes.
+    last = _last_exception_line(text)
+    if last:
+      return f"{paths[-1] if paths else '--config'}: {last.split(': ', 1)[1]}"
+  return " ".join(text.split())
+
+
+def _config_path_problem(argv) -> str | None:
+  """One line when --config names no file (with the nearest config file's name), else None."""
+  paths = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")]
+  if not paths:
+    return None
+  path = paths[-1].split(":", 1)[0]
+  if os.path.isfile(path):
+    return None
+  where = os.path.dirname(path) or "."
+  known = (sorted(n for n in os.listdir(where) if n.endswith(".py") and n != "__init__.py")
+           if os.path.isdir(where) else [])
+  nearest = difflib.get_close_matches(os.path.basename(path), known, n=1, cutoff=0.0)
+  hint = f"; the nearest is {os.path.join(os.path.dirname(path), nearest[0])!r}" if nearest else ""
+  return f"no config file {path!r} (from --config={paths[-1]}){hint}. --list shows every config."
+
+
+def _last_exception_line(text: str) -> str | None:
+  """The final "SomeError: message" line of a traceback quoted inside an error message, if any."""
+  lines = [l.strip() for l in text.splitlines() if re.match(r"^\s*[A-Za-z_.]*(Error|Exception): ", l)]
+  return lines[-1] if lines else None
 
 
 def parse_flags(argv):
@@ -159,16 +188,53 @@ def parse_flags(argv):
       FLAGS(argv)
     finally:
       print("\n" + list_configs(), flush=True)
-  try:
-    return FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    sys.stderr.write(f"FATAL Flags parsing error: {_flag_error_message(e, argv)}\n")
-    sys.stderr.write("Pass --helpshort or --helpfull to see help on flags.\n")
+  problem = _config_path_problem(argv)
+  if problem:
+    sys.stderr.write(f"FATAL Flags parsing error: {problem}\n")
     sys.exit(EXIT_USAGE)
+  try:
+    rest = FLAGS(argv)
+    FLAGS.config  # pylint: disable=pointless-statement  # the config file is loaded on first access
+    return rest
+  except Exception as e:  # pylint: disable=broad-except  # any failure to read the command line: one line
+    sys.stderr.write(f"FATAL Flags parsing error: {_flag_error_message(e, argv)} (--helpshort lists "
+                     "the flags.)\n")
+    sys.exit(EXIT_USAGE)
+
+
+def _workdir_problem(workdir: str, mode: str) -> str | None:
+  """One line when --workdir cannot be used for `mode`, before anything is imported or written: a path
+  that is a file or lies under one; for eval and sample, a directory without checkpoints."""
+  path = os.path.abspath(workdir)
+  if os.path.exists(path) and not os.path.isdir(path):
+    return f"--workdir={workdir} is a file, not a directory."
+  parent = os.path.dirname(path)
+  while parent and not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if parent and not os.path.isdir(parent):
+    return f"--workdir={workdir} lies under {parent!r}, which is a file."
+  if mode in ("eval", "sample"):
+    ckpt = os.path.join(path, "checkpoints")
+    if not os.path.isdir(ckpt) or not any(n.isdigit() for n in os.listdir(ckpt)):
+      return (f"--mode={mode} needs a trained work directory; {workdir} holds no checkpoint "
+              f"({ckpt}). Train first (--mode=train).")
+  return None
+
+
+def _remove_if_created_empty(workdir: str, created: bool) -> None:
+  """A refused run leaves no work directory behind: remove the directory this run created, if it is still
+  empty (nothing of any run is in it)."""
+  if created and os.path.isdir(workdir) and not os.listdir(workdir):
+    os.rmdir(workdir)
 
 
 def main(argv):
   del argv
+  problem = _workdir_problem(FLAGS.workdir, FLAGS.mode)
+  if problem:
+    print(f"[vdiff] refused: {problem}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_USAGE)
+  created = not os.path.exists(FLAGS.workdir)  # removed again, if still empty, when refused
   from vdiff import parallel  # pylint: disable=g-import-not-at-top
   parallel.initialize_distributed(coordinator_address=FLAGS.coordinator_address,
                                   num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
@@ -185,6 +251,7 @@ def main(argv):
       samples = train.sample_checkpoint(config, FLAGS.workdir)
       result = {"num_samples": int(samples.shape[0]), "workdir": FLAGS.workdir}
   except train.ConfigError as e:
+    _remove_if_created_empty(FLAGS.workdir, created)
     message = str(e)
     message = message[len("invalid config: "):] if message.startswith("invalid config: ") else message
     print(f"[vdiff] invalid config: {' '.join(message.split())}", file=sys.stderr, flush=True)

@@ -31,6 +31,8 @@ import math
 import os
 import re
 import types
+import zipfile
+import zlib
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -688,8 +690,17 @@ def _load_npz(name: str, *, split: str, seed: int, path: str | None = None) -> D
   del seed
   if path is None:
     raise ValueError("load('npz', ...) needs path=<file.npz>.")
-  with np.load(path, allow_pickle=False) as f:
-    data = {key: f[key] for key in f.files}
+  if not os.path.isfile(path):
+    raise ValueError(f"data.path={path!r} does not exist" + (" (it is a directory)" if os.path.isdir(path)
+                                                             else "") + "; write one with make_npz.")
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      data = {key: f[key] for key in f.files}  # reads (and CRC-checks) every array now
+  except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as e:
+    raise ValueError(f"data.path={path!r} cannot be read as an .npz ({type(e).__name__}: "
+                     f"{' '.join(str(e).split())}); is it truncated or damaged?") from None
+  if not isinstance(data, dict):
+    raise ValueError(f"data.path={path!r} is a single .npy array, not an .npz of named splits.")
   image_keys = [k for k in data if k not in _NPZ_RESERVED and not k.endswith("_labels")]
   if split not in image_keys:
     raise ValueError(f"split {split!r} is not in {path}; it has image arrays {sorted(image_keys)}.")
@@ -720,8 +731,20 @@ def _load_npz(name: str, *, split: str, seed: int, path: str | None = None) -> D
   validate_images(images, num_levels)
   label_keys = [k for k in data if k.endswith("_labels")]
   labels = data.get(f"{split}_labels", np.zeros(len(images), np.int32))
+  for k in label_keys:
+    y, images_of = data[k], data.get(k[:-len("_labels")])
+    if y.ndim != 1 or (images_of is not None and y.shape[0] != images_of.shape[0]):
+      raise ValueError(f"key {k!r} of {path} must be labels of shape [N] matching its images, got shape "
+                       f"{y.shape}.")
+    if not np.issubdtype(y.dtype, np.integer):
+      raise ValueError(f"key {k!r} of {path} must hold integer labels, got dtype {y.dtype}.")
+    if y.size and int(np.min(y)) < 0:
+      raise ValueError(f"key {k!r} of {path} has negative labels (min {int(np.min(y))}); labels are "
+                       f"classes 0..num_labels-1.")
   if "num_labels" in data:
     num_labels = _npz_scalar(data, "num_labels", path)
+    if num_labels < 0:
+      raise ValueError(f"key 'num_labels' of {path} must be >= 0, got {num_labels}.")
   else:
     num_labels = max((int(np.max(data[k])) + 1 for k in label_keys if data[k].size), default=0)
   if f"{split}_labels" in data and num_labels and labels.size and np.issubdtype(labels.dtype, np.integer):

@@ -31,6 +31,7 @@ uninterrupted run. Programs are compiled under `jax.default_matmul_precision(eva
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -281,19 +282,72 @@ def _fingerprint(params) -> list[float]:
   return [float(sum(x.sum() for x in leaves)), float(sum(np.abs(x).sum() for x in leaves))]
 
 
-def _read_partial(path: str, key: str) -> dict[int, dict]:
-  rows = {}
+def _row_digest(row: dict) -> str:
+  """sha256 of a partial row's content (every field but the digest itself, canonical JSON)."""
+  body = {k: v for k, v in row.items() if k != "sha256"}
+  return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _partial_row(key: str, batch: int, step: int, nats: np.ndarray, nfe: np.ndarray) -> str:
+  row = {"key": key, "batch": int(batch), "step": int(step), "nats": nats.tolist(), "nfe": nfe.tolist()}
+  return json.dumps({**row, "sha256": _row_digest(row)}) + "\n"
+
+
+def _read_partial(path: str, key: str, sizes: list[int] | None = None,
+                  problems: list[str] | None = None) -> dict[int, dict]:
+  """The rows of this evaluation (`key`) that can be trusted; why any others were not goes to `problems`.
+
+  Rows are appended in batch order 0, 1, 2, ...; a killed evaluation leaves a prefix of them (and maybe
+  half a line). Trusted: the longest run of rows, in file order, that are batches 0, 1, ..., r - 1, each
+  with a matching sha256, `sizes[i]` (when given) finite nats and nfe, and whose batch index no other row of this key
+  repeats. Everything after the first damaged, duplicated, missing or out-of-order row is recomputed
+  (a resume cache is never worth a wrong figure). Rows without a digest (an older vdiff) are not used.
+  """
+  problems = [] if problems is None else problems
   if not os.path.exists(path):
-    return rows
+    return {}
+  mine = []
   with open(path) as f:
-    for line in f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
       try:
         row = json.loads(line)
-      except json.JSONDecodeError:  # a line cut short by a kill
-        continue
-      if row.get("key") == key:
-        rows[int(row["batch"])] = row
-  return rows
+      except json.JSONDecodeError:
+        if f'"key": "{key}"' in line:
+          problems.append(f"line {n} is not JSON")
+          mine.append(None)
+        continue  # a line cut short by a kill, or another evaluation's
+      if isinstance(row, dict) and row.get("key") == key:
+        mine.append(row)
+  counts = collections.Counter(r.get("batch") for r in mine if r is not None)
+  trusted = {}
+  for j, row in enumerate(mine):
+    why = None
+    if row is None:
+      why = "a damaged line"
+    elif row.get("sha256") != _row_digest(row):
+      why = f"batch {row.get('batch')}: its sha256 does not match (a damaged or edited row)"
+    elif row.get("batch") != j:
+      why = f"batch {row.get('batch')} where batch {j} was expected (missing or out of order)"
+    elif counts[j] > 1:
+      why = f"batch {j} appears {counts[j]} times"
+    elif not _row_values_ok(row, None if sizes is None else (sizes[j] if j < len(sizes) else -1)):
+      why = f"batch {j}: not the expected number of finite values"
+    if why:
+      problems.append(why)
+      break
+    trusted[j] = row
+  return trusted
+
+
+def _row_values_ok(row: dict, size: int | None) -> bool:
+  try:
+    nats, nfe = np.asarray(row["nats"], np.float64), np.asarray(row["nfe"], np.float64)
+  except (KeyError, TypeError, ValueError):
+    return False
+  return (nats.ndim == 1 and nats.shape == nfe.shape and (size is None or len(nats) == size)
+          and bool(np.all(np.isfinite(nats))))
 
 
 def _drop_partial(path: str, key: str) -> None:
@@ -386,7 +440,12 @@ class Evaluator:
         os.makedirs(workdir, exist_ok=True)
       path = os.path.join(workdir, f"eval_{s.estimator}_partial.jsonl")
       key = self._key(params, rng, ds, num, split, step)
-      done_rows = _read_partial(path, key)
+      sizes = [max(0, min(start + size, num) - start) for start, size in plan]
+      problems = []
+      done_rows = _read_partial(path, key, sizes, problems)
+      if problems:
+        train._say(f"eval {s.estimator}: not resuming from every row of {path} ({'; '.join(problems)}); "  # pylint: disable=protected-access
+                   f"recomputing from batch {len(done_rows)}")
     resume = 0
     while resume in done_rows:
       resume += 1
@@ -420,9 +479,13 @@ class Evaluator:
       nats_all.append(nats)
       nfe_all.append(nfe)
       if path is not None and jax.process_index() == 0:
-        with open(path, "a") as f:
-          f.write(json.dumps({"key": key, "batch": i, "step": int(step), "nats": nats.tolist(),
-                              "nfe": nfe.tolist()}) + "\n")
+        with open(path, "a+b") as f:
+          f.seek(0, os.SEEK_END)
+          if f.tell():  # after half a line left by a kill, start a new line
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+              f.write(b"\n")
+          f.write(_partial_row(key, i, step, nats, nfe).encode())
           f.flush()
           os.fsync(f.fileno())
       bar.update(1)

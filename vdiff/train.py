@@ -28,7 +28,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import difflib
 import functools
 import logging
 import math
@@ -45,6 +44,7 @@ import optax
 from flax import struct
 from flax.training import train_state
 
+from vdiff import config_schema
 from vdiff import data as data_lib
 from vdiff import evaluate as evaluate_lib
 from vdiff import grid
@@ -56,7 +56,7 @@ from vdiff import workdir as workdir_lib
 Array = jax.Array
 log = logging.getLogger("vdiff")
 
-NAN_POLICIES = ("skip", "stop")
+NAN_POLICIES = config_schema.NAN_POLICIES
 
 
 class NonFiniteError(RuntimeError):
@@ -561,79 +561,41 @@ def _sample_and_save(model, params, config, workdir, step, rng, *, sample_fn=Non
 # --------------------------------------------------------------------------------------------------
 # Entry points.
 # --------------------------------------------------------------------------------------------------
-SAMPLERS = ("vdm_ancestral", "ddpm", "ddim", "ode")  # the names models.Family.sample accepts
-
-
-def _config_floats(node, prefix: str = ""):
-  """(dotted key, value) of every float in a ConfigDict, in nested dicts, lists and tuples too."""
-  if hasattr(node, "items"):
-    pairs = [(f"{prefix}.{k}" if prefix else str(k), v) for k, v in node.items()]
-  else:
-    pairs = [(f"{prefix}[{i}]", v) for i, v in enumerate(node)]
-  for name, value in pairs:
-    if isinstance(value, float):
-      yield name, value
-    elif hasattr(value, "items") or isinstance(value, (list, tuple)):
-      yield from _config_floats(value, name)
+SAMPLERS = config_schema.SAMPLERS  # the names models.Family.sample accepts
 
 
 @_config_errors
 def validate_config(config) -> None:
   """Refuse impossible settings before any compute, naming the key.
 
-  Every float of the config must be finite (a NaN learning rate or decay would otherwise train a run of
-  NaN steps). Settings checked against the data and the model (batch sizes against the number of
-  examples, the estimator and sampler against the family) are refused in `setup`, still before step 0.
+  First every key against its declared type and range (`vdiff.config_schema.SCHEMA`, one table: finite
+  floats, bounds, names of choices); then the checks that relate keys to each other or to the machine
+  (num_steps a multiple of steps_per_dispatch, gamma_min < gamma_max, an importable family, the batch
+  sizes against the device count). Settings checked against the data and the model (batch sizes
+  against the number of examples, the estimator and sampler against the family) are refused in
+  `setup`, still before step 0.
   """
+  errors = config_schema.errors(config)
+  if errors:
+    raise ValueError("invalid config: " + "; ".join(errors) + ".")
   t, m = config.training, config.model
-  errors = [f"{key} must be finite, got {value}" for key, value in _config_floats(config)
-            if not math.isfinite(value)]
-  if t.batch_size < 1:
-    errors.append(f"training.batch_size must be >= 1, got {t.batch_size}")
-  if t.num_steps < 0:
-    errors.append(f"training.num_steps must be >= 0, got {t.num_steps}")
-  if t.steps_per_dispatch < 1:
-    errors.append(f"training.steps_per_dispatch must be >= 1, got {t.steps_per_dispatch}")
-  elif t.num_steps % t.steps_per_dispatch:
+  if t.num_steps % t.steps_per_dispatch:
     errors.append(f"training.num_steps ({t.num_steps}) must be a multiple of "
                   f"training.steps_per_dispatch ({t.steps_per_dispatch})")
-  if not 0.0 <= t.ema_decay < 1.0:
-    errors.append(f"training.ema_decay must be in [0, 1), got {t.ema_decay}")
-  for section in ("eval", "sample"):
-    if config[section].get("params", "ema") not in EVAL_PARAMS:
-      errors.append(f"{section}.params must be one of {EVAL_PARAMS}, got "
-                    f"{config[section].get('params')!r}")
-  if t.nan_policy not in NAN_POLICIES:
-    errors.append(f"training.nan_policy must be one of {NAN_POLICIES}, got {t.nan_policy!r}")
-  o = config.optim
-  # (A NaN fails every comparison below; it is already reported above as not finite.)
-  if o.learning_rate <= 0:
-    errors.append(f"optim.learning_rate must be > 0, got {o.learning_rate}")
-  if o.weight_decay < 0:
-    errors.append(f"optim.weight_decay must be >= 0, got {o.weight_decay}")
-  if o.grad_clip < 0:
-    errors.append(f"optim.grad_clip must be >= 0 (0 = no clipping), got {o.grad_clip}")
   if "schedule" in m and not m.schedule.gamma_min < m.schedule.gamma_max:
     errors.append(f"model.schedule.gamma_min ({m.schedule.gamma_min}) must be < "
                   f"model.schedule.gamma_max ({m.schedule.gamma_max})")
+  if "score" in m and m.score.fourier_min > m.score.fourier_max:
+    errors.append(f"model.score.fourier_min ({m.score.fourier_min}) must be <= "
+                  f"model.score.fourier_max ({m.score.fourier_max})")
+  if "cdm" in m and m.cdm.beta_start > m.cdm.beta_end:
+    errors.append(f"model.cdm.beta_start ({m.cdm.beta_start}) must be <= model.cdm.beta_end "
+                  f"({m.cdm.beta_end})")
   try:
     models.resolve_family(m.family)  # a registered name or an importable "package.module:ClassName"
   except ValueError as e:
     errors.append(str(e).rstrip("."))
-  e, smp = config.eval, config.sample
-  errors.extend(evaluate_lib.config_errors(e))  # estimator, dequantisation, precision, condition, ...
-  if e.batch_size < 1:
-    errors.append(f"eval.batch_size must be >= 1, got {e.batch_size}")
-  if e.num_examples < 0:
-    errors.append(f"eval.num_examples must be >= 0 (0 = the whole split), got {e.num_examples}")
-  if smp.sampler not in SAMPLERS:
-    close = difflib.get_close_matches(str(smp.sampler), SAMPLERS, n=1)
-    errors.append(f"sample.sampler must be one of {SAMPLERS}, got {smp.sampler!r}"
-                  + (f" (did you mean {close[0]!r}?)" if close else ""))
-  if smp.num_steps < 1:
-    errors.append(f"sample.num_steps must be >= 1, got {smp.num_steps}")
-  if smp.num_samples < 0:
-    errors.append(f"sample.num_samples must be >= 0, got {smp.num_samples}")
+  errors.extend(evaluate_lib.config_errors(config.eval))  # the estimator's own settings
   if errors:
     raise ValueError("invalid config: " + "; ".join(errors) + ".")
   n = jax.device_count()
@@ -694,7 +656,6 @@ def init_state(model, tx, rng, mesh) -> TrainState:
 
 def setup(config, workdir):
   validate_config(config)
-  os.makedirs(workdir, exist_ok=True)
   mesh = parallel.make_mesh()
   train_ds = load_data(config, "train")
   validate_data(config, train_ds, load_data(config, config.eval.split))
@@ -893,12 +854,12 @@ def _restore_for_inference(config, workdir):
   state, step = restore_latest(mngr, _abstract_replicated(abstract, mesh), move_aside=False)
   mngr.close()
   if state is None:
-    raise FileNotFoundError(f"no restorable checkpoint in {os.path.join(workdir, 'checkpoints')}; "
+    raise workdir_lib.NoCheckpointError(f"no restorable checkpoint in {os.path.join(workdir, 'checkpoints')}; "
                             "train first (--mode=train).")
   return mesh, model, state, int(step)
 
 
-EVAL_PARAMS = ("ema", "raw")
+EVAL_PARAMS = config_schema.PARAMS
 
 
 def eval_params(state, config, section: str = "eval"):

@@ -3,7 +3,8 @@ back exactly as they were written, and append-only records.
 
 A work directory holds (process 0 writes every file; docs/math.md does not enter here):
 
-  run.lock              JSON {pid, host, start_time, ...} of the process that holds the directory
+  run.lock              flock(2)-held by the run that holds the directory; JSON {pid, host, start_time,
+                        ...} naming it
   config.json           the config the run STARTED with; a resume never rewrites it
   config_changes.jsonl  one row per resume that changed a key: {"step", "changes": {key: [old, new]}, ...}
   metrics.jsonl         one JSON object per logged step, plus event rows ({"event": "resumed", ...});
@@ -12,19 +13,23 @@ A work directory holds (process 0 writes every file; docs/math.md does not enter
   eval.json             the last evaluation
   eval_history.jsonl    every evaluation result that a later one replaced (`replace_json`)
   checkpoints/<step>/   orbax CheckpointManager steps; `checksums.json` inside each holds the sha256 of
-                        every file of the step, written once orbax has finished the save
+                        every file of the step, written before orbax commits the step (so a
+                        committed step always has it)
   checkpoints/corrupt/  checkpoints that failed verification and orbax temporary directories left by a
                         killed or failed save, moved aside (never deleted) for inspection
 
 Guarantees (each tried by a test in tests/test_workdir.py or tests/test_reliability.py):
-  * `lock`: a second run on the same directory is refused with the holder's pid, host and start time; a
-    lock left by a dead process on the same host is taken over with a message.
+  * `lock`: a second run on the same directory is refused with the holder's pid, host and start time
+    while the holder lives (the kernel's flock, released when the holder dies, kill -9 included); a
+    run.lock nobody holds is taken over with a message. A live holder is never taken over, whatever
+    its run.lock holds.
   * `check_config`: a resume that changes a key outside `HARMLESS_KEYS` (the model, the data, the batch,
     the seed, the optimiser, ...) is refused before anything is written, listing every differing key,
     unless `training.allow_config_change=True`; changes that are allowed are recorded.
-  * `restore_latest`: the newest checkpoint whose checksums match, whose arrays read back and whose
-    parameters, EMA parameters and optimiser state are finite; a checkpoint failing any of these is
-    reported and moved to checkpoints/corrupt/<step>, so that the step is trained and saved again. A
+  * `restore_latest`: the newest checkpoint that carries its checksums, whose checksums match, whose
+    arrays read back and whose parameters, EMA parameters and optimiser state are finite; a checkpoint
+    failing any of these is reported and moved to checkpoints/corrupt/<step>, so that the step is
+    trained and saved again (a step without checksums is never restored unverified). A
     checkpoint whose tree of shapes and dtypes differs from the run's state is an error naming the
     difference, never taken for corruption: nothing is moved or deleted.
   * `save_checkpoint`: a save that orbax skips is an error, not a silent no-op.
@@ -36,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import fcntl
 import hashlib
 import json
 import logging
@@ -43,7 +49,7 @@ import os
 import socket
 import sys
 import time
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +65,7 @@ CHECKPOINTS = "checkpoints"
 CORRUPT = "corrupt"
 CHECKSUMS_FILE = "checksums.json"
 _ORBAX_TMP = ".orbax-checkpoint-tmp"
+_ORBAX_STEP_METADATA = "_CHECKPOINT_METADATA"
 
 # The keys a resume may change without changing what the run computes (the state's structure, the data,
 # the order and randomness of the updates): how long to train, how and when to log, checkpoint, evaluate
@@ -89,12 +96,26 @@ _CONDITIONALLY_GUARDED = (
 # Keys added to the config after work directories may have been written. A config.json without one ran
 # with the value given here (what vdiff computed before the key existed), so absent and this value
 # describe the same run; any other new value is a change like any other.
+#
+# Every key added to experiments/configs/base.py since the first work-directory format (commit d24e44b,
+# the first to write config.json; its keys are tests/data/config_keys_d24e44b.json) is either here or
+# harmless (tests/test_workdir.py checks both, and that such a resume is accepted). A value may be a
+# function of the old config's flat keys where the old behaviour depended on another key.
 ADDED_KEY_DEFAULTS = {
     "model.score.fourier_damping": False,
+    "model.cdm.grid": "ddpm",
+    # The old CDM grid: DDPM's betas over T = model.cdm.num_steps steps (now resampled from beta_steps).
+    "model.cdm.beta_steps": lambda old_flat: old_flat.get("model.cdm.num_steps"),
     "training.ema_warmup": False,
+    "training.compute_dtype": "float32",
     "eval.params": "ema",
     "sample.params": "ema",
 }
+
+
+def _added_key_default(key: str, old_flat: dict):
+  value = ADDED_KEY_DEFAULTS[key]
+  return value(old_flat) if callable(value) else value
 
 
 class WorkdirError(RuntimeError):
@@ -111,6 +132,10 @@ class ConfigChangeError(WorkdirError):
 
 class CheckpointMismatchError(WorkdirError):
   """A checkpoint's tree of shapes and dtypes differs from the state the run builds."""
+
+
+class NoCheckpointError(WorkdirError):
+  """--mode=eval or sample found no restorable checkpoint in the work directory."""
 
 
 class CheckpointSaveError(WorkdirError):
@@ -252,9 +277,22 @@ class Scalars:
 # --------------------------------------------------------------------------------------------------
 # The lock.
 # --------------------------------------------------------------------------------------------------
+# The lock is the kernel's: an exclusive flock(2) on run.lock, held through an open file descriptor for
+# the whole run. The kernel releases it when its holder exits, however it exits (kill -9 included), so
+# whether the holder lives is never guessed from a pid, a host name or the file's age: if the flock can
+# be taken, nobody holds the directory; if not, somebody does, whatever run.lock says (a live holder may
+# be killed between creating the file and writing its JSON, and an unreadable file is then simply
+# "someone"). run.lock's JSON only names the holder in the refusal.
+#
+# Where it holds: local file systems (ext4, xfs, btrfs, tmpfs, ...) and NFS (Linux emulates flock on NFS
+# with byte-range locks held by the server, so two hosts exclude each other; NFSv3 needs the lockd/NLM
+# service, NFSv4 has locks in the protocol). Where it does not: file systems without locking, such as
+# some FUSE mounts (gcsfuse, s3fs) and NFS mounted with `nolock` (there flock is local to one host).
+# Where flock fails with an error, the run is refused with that error (VDIFF_NO_LOCK=1 runs without a
+# lock, at the user's risk: nothing then stops a second run on the same directory).
 def _start_ticks(pid: int) -> int | None:
   """The process's start time in clock ticks since boot (Linux /proc), None where unavailable. With the
-  pid it identifies a process: a pid reused by a later process has a different start time."""
+  pid it identifies a process in the lock's description."""
   try:
     with open(f"/proc/{pid}/stat") as f:
       stat = f.read()
@@ -264,29 +302,9 @@ def _start_ticks(pid: int) -> int | None:
     return None
 
 
-def _pid_alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True  # exists, owned by another user
-  return True
-
-
-def _holder_is_gone(holder: dict) -> bool:
-  """Whether the lock's holder is known to be dead: same host, and its pid is gone or now names another
-  process (a different start time, or this very process). On another host nothing can be known."""
-  if holder.get("host") != socket.gethostname():
-    return False
-  pid = int(holder.get("pid", -1))
-  if pid <= 0 or pid == os.getpid() or not _pid_alive(pid):
-    return True
-  ticks = _start_ticks(pid)
-  return holder.get("start_ticks") is not None and ticks is not None and ticks != holder["start_ticks"]
-
-
-def _describe(holder: dict) -> str:
+def _describe(holder: dict | None) -> str:
+  if not holder:
+    return "another process (its run.lock names none yet: it is being written, or cannot be read)"
   return (f"pid {holder.get('pid')} on host {holder.get('host')!r}, started {holder.get('start_time')}"
           + (f" ({' '.join(holder['argv'])})" if holder.get("argv") else ""))
 
@@ -294,77 +312,94 @@ def _describe(holder: dict) -> str:
 def _read_lock(path: str) -> dict | None:
   try:
     with open(path) as f:
-      return json.load(f)
+      holder = json.load(f)
+    return holder if isinstance(holder, dict) else None
   except (OSError, ValueError):
     return None
 
 
-def acquire_lock(workdir: str) -> dict:
-  """Take the work directory's exclusive lock (an O_EXCL-created file); returns what it records.
+class _Lock(NamedTuple):
+  fd: int
+  holder: dict
 
-  Raises WorkdirLockedError naming the holder (pid, host, start time, command) if a live process holds
-  it. A lock whose holder is gone (same host: the pid is dead or belongs to another process now) is
-  taken over with a message. A lock file that cannot be parsed (a holder killed while writing it) is
-  taken over once it is a few seconds old.
+
+def acquire_lock(workdir: str) -> _Lock:
+  """Take the work directory's exclusive lock: flock(LOCK_EX | LOCK_NB) on run.lock, then write this
+  process's {pid, host, start_time, argv} into it. Returns the held lock (keep it until release_lock).
+
+  Raises WorkdirLockedError naming the holder when another process holds the flock (alive by
+  definition: the kernel drops the flock of a process that dies). A run.lock that nobody holds (left by
+  a killed run) is taken over with a message. Raises WorkdirError when the file system refuses flock.
   """
   path = os.path.join(workdir, LOCK_FILE)
   me = {"pid": os.getpid(), "host": socket.gethostname(), "start_time": _now(),
         "start_ticks": _start_ticks(os.getpid()), "argv": list(sys.argv)}
   for _ in range(20):
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-      holder = _read_lock(path)
-      if holder is None:
-        try:
-          age = time.time() - os.path.getmtime(path)
-        except OSError:
-          continue  # released meanwhile: try again
-        if age < 5.0:
-          time.sleep(0.25)  # being written right now
-          continue
-        reason = "an unreadable lock file"
-      elif _holder_is_gone(holder):
-        reason = f"a stale lock of {_describe(holder)}, which is no longer running"
-      else:
-        raise WorkdirLockedError(
-            f"the work directory {workdir} is in use by {_describe(holder)}. Wait for that run to "
-            f"end, or use another --workdir. If that process is gone (e.g. on another host), delete "
-            f"{path}.") from None
-      # Rename, not remove: of two processes taking over at once, only one's rename succeeds.
-      try:
-        os.replace(path, f"{path}.stale.{os.getpid()}")
-      except FileNotFoundError:
-        continue
-      os.remove(f"{path}.stale.{os.getpid()}")
-      _say(f"taking over {reason} ({path}).", err=True)
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      os.close(fd)
+      raise WorkdirLockedError(
+          f"the work directory {workdir} is in use by {_describe(_read_lock(path))}, which holds "
+          f"the lock on {path}. Wait for that run to end, or use another --workdir.") from None
+    except OSError as e:
+      os.close(fd)
+      raise WorkdirError(
+          f"the file system of {workdir} does not support file locks (flock on {path}: {e}); put the "
+          f"work directory on a local or NFS file system, or set VDIFF_NO_LOCK=1 to run without a "
+          f"lock (nothing then stops a second run on this directory).") from None
+    # The file may have been removed (released) between our open and our flock: then we hold a lock
+    # on a file nobody else will open. Only a lock on the file at `path` counts.
+    try:
+      same = os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+      same = False
+    if not same:
+      os.close(fd)
       continue
-    with os.fdopen(fd, "w") as f:
-      json.dump(me, f, indent=2, sort_keys=True)
-      f.write("\n")
-    return me
+    before = os.read(fd, 1 << 16)
+    if before.strip():
+      try:
+        previous = json.loads(before)
+      except ValueError:
+        previous = None
+      _say(f"taking over a lock file that no process holds ({path}; "
+           + (f"left by {_describe(previous)}" if isinstance(previous, dict) else "unreadable")
+           + ").", err=True)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.ftruncate(fd, 0)
+    os.write(fd, (json.dumps(me, indent=2, sort_keys=True) + "\n").encode())
+    os.fsync(fd)
+    return _Lock(fd, me)
   raise WorkdirLockedError(f"could not take the lock {path} (it kept changing hands).")
 
 
-def release_lock(workdir: str, mine: dict) -> None:
-  """Remove the lock if it is still this process's."""
+def release_lock(workdir: str, mine: _Lock) -> None:
+  """Remove run.lock and release the flock (removed while still held, so that no other process can take
+  a lock on the file this one is about to drop; acquire_lock checks that its locked file is the one at
+  the path)."""
   path = os.path.join(workdir, LOCK_FILE)
-  holder = _read_lock(path)
-  if holder and holder.get("pid") == mine["pid"] and holder.get("start_time") == mine["start_time"]:
-    with contextlib.suppress(FileNotFoundError):
+  try:
+    if os.fstat(mine.fd).st_ino == os.stat(path).st_ino:
       os.remove(path)
+  except FileNotFoundError:
+    pass
+  finally:
+    os.close(mine.fd)  # releases the flock
 
 
 @contextlib.contextmanager
 def lock(workdir: str) -> Iterator[None]:
   """Hold the work directory's lock for the block. Process 0 takes it for the whole run; every process
-  learns whether it succeeded, so that a refused multi-process run ends on all processes at once."""
+  learns whether it succeeded, so that a refused multi-process run ends on all processes at once.
+  VDIFF_NO_LOCK=1 skips the lock (for file systems without flock; see above)."""
   os.makedirs(workdir, exist_ok=True)
   mine, error = None, None
-  if _is_main():
+  if _is_main() and os.environ.get("VDIFF_NO_LOCK") != "1":
     try:
       mine = acquire_lock(workdir)
-    except WorkdirLockedError as e:
+    except WorkdirError as e:
       error = e
   if _any_process(error is not None):
     raise error or WorkdirLockedError(f"process 0 could not lock the work directory {workdir}.")
@@ -401,7 +436,7 @@ def config_diff(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
 
   A key of ADDED_KEY_DEFAULTS that the old config lacks counts as its default there."""
   fo, fn = _flatten(old), _flatten(new)
-  fo = {**{k: v for k, v in ADDED_KEY_DEFAULTS.items() if k in fn}, **fo}
+  fo = {**{k: _added_key_default(k, fo) for k in ADDED_KEY_DEFAULTS if k in fn}, **fo}
   return {k: (fo.get(k, _ABSENT), fn.get(k, _ABSENT)) for k in sorted(set(fo) | set(fn))
           if fo.get(k, _ABSENT) != fn.get(k, _ABSENT)}
 
@@ -492,27 +527,38 @@ def _files(step_dir: str) -> list[str]:
 
 
 def write_checksums(step_dir: str) -> None:
-  """checksums.json: the sha256 of every file below a finished checkpoint step (atomically)."""
-  sums = {rel: _sha256(os.path.join(step_dir, rel)) for rel in _files(step_dir)}
+  """checksums.json: the sha256 of every file below a checkpoint step (atomically).
+
+  orbax's step metadata file (_CHECKPOINT_METADATA: the step's timestamps and handler names) is left
+  out: orbax rewrites it with the commit time after the checksums are written (see CheckpointManager).
+  A damaged one fails orbax's own read at restore."""
+  sums = {rel: _sha256(os.path.join(step_dir, rel)) for rel in _files(step_dir)
+          if rel != _ORBAX_STEP_METADATA}
   tmp = os.path.join(step_dir, CHECKSUMS_FILE + ".tmp")
   with open(tmp, "w") as f:
     json.dump({"algorithm": "sha256", "files": sums}, f, indent=1, sort_keys=True)
+    f.flush()
+    os.fsync(f.fileno())
   os.replace(tmp, os.path.join(step_dir, CHECKSUMS_FILE))
 
 
+UNVERIFIED = "a step without checksums.json"
+
+
 def verify_checksums(step_dir: str) -> str | None:
-  """None if every file listed in checksums.json is there with its sha256, else what differs. A step
-  without checksums.json (saved by an older vdiff, or a run killed between the save and its checksum)
-  passes with a warning: orbax's own reads and the finiteness check still guard it."""
+  """None if checksums.json lists every file with its sha256 and each is there with it, else what
+  differs. A step without checksums.json is not verified: that is a problem too (`UNVERIFIED`), since
+  every step vdiff commits carries its checksums (see CheckpointManager)."""
   path = os.path.join(step_dir, CHECKSUMS_FILE)
   if not os.path.exists(path):
-    log.warning("checkpoint %s has no %s; it is not verified byte for byte.", step_dir, CHECKSUMS_FILE)
-    return None
+    return UNVERIFIED
   try:
     with open(path) as f:
       sums = json.load(f)["files"]
-  except (OSError, ValueError, KeyError) as e:
+  except (OSError, ValueError, KeyError, TypeError) as e:
     return f"its {CHECKSUMS_FILE} cannot be read ({type(e).__name__})"
+  if not sums:
+    return f"its {CHECKSUMS_FILE} lists no file"
   bad = []
   for rel, digest in sums.items():
     p = os.path.join(step_dir, rel)
@@ -524,44 +570,59 @@ def verify_checksums(step_dir: str) -> str | None:
 
 
 class CheckpointManager(ocp.CheckpointManager):
-  """orbax's CheckpointManager that writes checksums.json into each step once its save has finished.
+  """orbax's CheckpointManager whose every step carries checksums.json from the moment it exists.
 
-  With asynchronous saves the step is complete only when orbax's background commit ends; the checksums
-  are written at the next point that waits for it (the next save, wait_until_finished, close).
+  orbax writes a step into a temporary directory `<step>.orbax-checkpoint-tmp-*` and commits it by
+  renaming that to `<step>`. Its post-finalisation callback runs after the arrays are written and
+  before that rename; there the checksums are written into the temporary directory, so they are part
+  of the commit: a kill -9 at any moment leaves either an uncommitted temporary directory (moved aside
+  at the next start) or a step with its checksums. (vdiff before this wrote them after the rename, at
+  the next save or on close, and a kill in between left the newest step unverified for a whole
+  checkpoint interval.) A step found without checksums.json is therefore not one vdiff committed, and
+  `restore_latest` does not restore it.
+
+  Saves always go through orbax's asynchronous checkpointer (the callback exists only there);
+  `is_async=False` waits for each save to be committed before `save` returns.
   """
 
-  def __init__(self, directory, *, options, is_async: bool):
-    self._needs_checksums: list[int] = []
+  def __init__(self, directory, *, max_to_keep: int, is_async: bool):
+    self._saving: int | None = None
     self._is_async = is_async
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True,
+        async_options=ocp.AsyncOptions(post_finalization_callback=self._checksums_before_commit))
     # The handler named up front, so that item_metadata reads a step's tree before any restore.
     super().__init__(directory, options=options, item_handlers=ocp.StandardCheckpointHandler())
 
-  def _write_pending_checksums(self) -> None:
-    pending, self._needs_checksums = self._needs_checksums, []
-    if not _is_main():
+  def _checksums_before_commit(self) -> None:
+    """orbax's post-finalisation callback (its background thread, before the commit's rename)."""
+    step, self._saving = self._saving, None
+    if step is None or not _is_main():
       return
-    for step in pending:
-      step_dir = os.path.join(str(self.directory), str(step))
-      if os.path.isdir(step_dir):  # max_to_keep may have removed it already
-        write_checksums(step_dir)
+    ckpt_dir = str(self.directory)
+    names = [n for n in os.listdir(ckpt_dir) if n.startswith(f"{step}{_ORBAX_TMP}")]
+    if not names and os.path.isdir(os.path.join(ckpt_dir, str(step))):
+      names = [str(step)]  # a file system where orbax commits in place (a commit-file protocol)
+    for name in names:
+      write_checksums(os.path.join(ckpt_dir, name))
 
   def save(self, step, *args, **kwargs) -> bool:
+    self._saving = int(step)
     saved = super().save(step, *args, **kwargs)
-    if saved:
-      self._needs_checksums.append(int(step))
-      if not self._is_async:
-        self._write_pending_checksums()
+    if not saved:
+      self._saving = None
+    elif not self._is_async:
+      super().wait_until_finished()
     return saved
-
-  def wait_until_finished(self):
-    super().wait_until_finished()
-    self._write_pending_checksums()
 
 
 def checkpoint_manager(workdir: str, *, max_to_keep: int, async_save: bool = True) -> CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                         enable_async_checkpointing=async_save)
-  return CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINTS), options=options,
+  """The run's CheckpointManager, keeping the newest `max_to_keep` >= 1 steps (orbax given 0 keeps none,
+  the step just saved included; None would keep every step: pass a large number instead)."""
+  if isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1:
+    raise ValueError(f"training.max_checkpoints_to_keep must be an integer >= 1 (the newest verified "
+                     f"checkpoint is always kept), got {max_to_keep!r}.")
+  return CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINTS), max_to_keep=max_to_keep,
                            is_async=async_save)
 
 
@@ -643,6 +704,9 @@ def _check_step(mngr, step: int, abstract_state) -> tuple[Any, str | None]:
   """(state, None) for a good checkpoint, (None, why) for an unreadable one; raises on a mismatch."""
   step_dir = os.path.join(str(mngr.directory), str(step))
   problem = verify_checksums(step_dir)
+  if problem == UNVERIFIED:
+    return None, (f"unverified: it has no {CHECKSUMS_FILE}, so it was not committed by this vdiff "
+                  f"(a kill during a save of an older vdiff, or a copy): it is not restored unverified")
   if problem:
     return None, f"checksum mismatch: {problem}"
   try:

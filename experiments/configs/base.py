@@ -7,6 +7,8 @@ choose the DiffEnc encoder; `conditional` trains a class-conditional model with 
 
 from __future__ import annotations
 
+import difflib
+
 import ml_collections
 
 
@@ -139,7 +141,10 @@ def parse_words(arg: str | None) -> set[str]:
   words = {w.strip() for w in (arg or "").split(",") if w.strip()}
   unknown = words - set(WORDS)
   if unknown:
-    raise ValueError(f"unknown config argument word(s) {sorted(unknown)}; expected some of {WORDS}.")
+    near = {w: difflib.get_close_matches(w, WORDS, n=1) for w in sorted(unknown)}
+    hint = "; ".join(f"did you mean {n[0]!r} for {w!r}?" for w, n in near.items() if n)
+    raise ValueError(f"unknown config argument word(s) {sorted(unknown)}; expected some of {WORDS}"
+                     + (f" ({hint})" if hint else "") + ".")
   return words
 
 
