@@ -9,8 +9,9 @@ first `--num-examples` test images:
          A discrete bound on -log2 P(k) / D: no dequantisation offset (docs/math.md sec. 2).
   cdm    CDM one-step likelihood (CDM Thm 3.2), m = `--dequantization-samples` classifier evaluations
          per image, for each dequantisation of `--cdm-dequantization`: uniform (class 0, a density on
-         uniformly dequantised data, + log2(K/2) bits/dim, docs/math.md sec. 4) and forward (class 1
-         with the K-level decoder at abar_1: a discrete bound, no offset).
+         uniformly dequantised data, + log2(K/2) bits/dim, docs/math.md sec. 4) and forward (class
+         t = cdm.forward_class, 1 unless its noise is below half a bin, with the K-level decoder at
+         abar_t: a discrete bound, no offset).
   ode    probability-flow ODE (docs/math.md sec. 6), any family (CDM through its gradient denoiser),
          adaptive Dormand-Prince, rtol = atol = `--ode-tol`, Hutchinson divergence, on the first
          `--ode-examples` images (slow on a CPU), for each dequantisation of `--ode-dequantization`:
@@ -369,6 +370,7 @@ def main(argv=None):
   t_start = time.time()
   import jax  # pylint: disable=g-import-not-at-top  (after --help)
   from vdiff import baselines  # pylint: disable=g-import-not-at-top
+  from vdiff import cdm  # pylint: disable=g-import-not-at-top
   from vdiff import data as data_lib  # pylint: disable=g-import-not-at-top
   from vdiff import train  # pylint: disable=g-import-not-at-top
 
@@ -434,7 +436,9 @@ def main(argv=None):
     elif model.native_estimator == "cdm":
       for deq in _names(args.cdm_dequantization, "--cdm-dequantization"):
         jobs.append((f"cdm_{deq}", {"estimator": "cdm", "dequantization": deq,
-                                    "dequantization_samples": m, "cdm_class": int(deq == "forward")},
+                                    "dequantization_samples": m,
+                                    "cdm_class": (cdm.forward_class(model.abar, model.num_levels)
+                                                  if deq == "forward" else 0)},
                      cdm_fn(model, dequantization=deq, num_samples=m), ds, True))
     n_ode = ode_examples.get(name, 16)
     if args.ode == "on" and n_ode > 0:

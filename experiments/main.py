@@ -282,5 +282,21 @@ def main(argv):
     sys.exit(EXIT_SIGINT)
 
 
+def run(argv) -> int:
+  """The command line in this process: parse argv (argv[0] is the program name), run, and return the exit
+  status that `python -m experiments.main` would exit with (tests drive many command lines this way)."""
+  FLAGS.unparse_flags()
+  for name in [n for n in FLAGS if n.startswith("config.")]:  # the last parse's override flags
+    delattr(FLAGS, name)
+  saved, sys.argv = sys.argv, list(argv)  # ml_collections reads the config overrides from sys.argv
+  try:
+    main(parse_flags(argv))
+  except SystemExit as e:
+    return 0 if e.code is None else int(e.code)
+  finally:
+    sys.argv = saved
+  return 0
+
+
 if __name__ == "__main__":
   app.run(main, flags_parser=parse_flags)

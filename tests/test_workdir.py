@@ -265,14 +265,19 @@ def test_a_committed_step_carries_its_checksums(run_copy, tmp_path):
   workdir = str(tmp_path / "async")
   mngr = wd.checkpoint_manager(workdir, max_to_keep=3, async_save=True)
   try:
-    assert wd.save_checkpoint(mngr, state, 20)
-    step_dir = os.path.join(workdir, "checkpoints", "20")
-    t0 = time.time()
-    while not os.path.isdir(step_dir):
-      assert time.time() - t0 < 60, "the asynchronous save did not commit in 60 s"
-      time.sleep(0.001)
-    assert os.path.exists(os.path.join(step_dir, wd.CHECKSUMS_FILE))
-    assert wd.verify_checksums(step_dir) is None
+    # Two saves back to back: orbax waits for the first's commit inside the second save, so the
+    # commits' callbacks must not mix up their steps.
+    for step in (20, 21):
+      state = state.replace(step=state.step + 1)
+      assert wd.save_checkpoint(mngr, state, step)
+    for step in (20, 21):
+      step_dir = os.path.join(workdir, "checkpoints", str(step))
+      t0 = time.time()
+      while not os.path.isdir(step_dir):
+        assert time.time() - t0 < 60, "the asynchronous save did not commit in 60 s"
+        time.sleep(0.001)
+      assert os.path.exists(os.path.join(step_dir, wd.CHECKSUMS_FILE)), step
+      assert wd.verify_checksums(step_dir) is None
   finally:
     mngr.close()
 

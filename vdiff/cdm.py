@@ -365,9 +365,28 @@ def one_step_log_density(logits_fn: LogitsFn, x: Array, *,
   return log_density(logits_fn(x), x, 0, class_prior=class_prior)
 
 
+def forward_class(abar, num_levels: int) -> int:
+  """The class the forward-dequantised one-step bound is evaluated at: the first t >= 1 whose noise is at
+  least half a bin, sigma_t / alpha_t >= 1 / K (the bin width is Delta = 2 / K).
+
+  Why not always class 1: the classifier is trained on uniformly dequantised data, so even a perfect
+  classifier's class-t density is the uniform bins convolved with N(0, sigma_t^2), not the mixture of
+  Gaussians at the bin centres that the forward bound's q(z | k) and decoder assume. Where
+  sigma_t / alpha_t >= Delta / 2 the two agree to < 1e-4 bits/dim; far below it they do not: for
+  quantised N(0.1, 0.3^2) at K = 256 the exact gap of a perfect CDM at class 1 of the paper's uniform
+  grid at T = 1000 (sigma_1 = 0.001, 0.13 bins) is 0.92 bits/dim, at class 4 (sigma = 0.004, 0.51 bins)
+  0.0007 (tests/test_cdm.py, docs/math.md sec. 4). The DDPM grid (sigma_1 = 0.01) and the uniform grid
+  at T <= 255 have class 1 here already. abar: the class grid [T + 2] (host values; static).
+  """
+  abar = np.asarray(abar, np.float64)
+  ratio = np.sqrt(np.maximum(1.0 - abar[1:-1], 0.0) / abar[1:-1])  # sigma_t / alpha_t, t = 1..T
+  ok = np.nonzero(ratio >= 1.0 / num_levels)[0]
+  return int(ok[0]) + 1 if ok.size else len(abar) - 2
+
+
 def one_step_nll(rng: Array, logits_fn: LogitsFn, k: Array, *, num_levels: int,
                  dequantization: str = "uniform", num_samples: int = 1, abar: Array | None = None,
-                 class_prior: Array | None = None) -> tuple[Array, dict[str, Array]]:
+                 class_prior: Array | None = None, t: int | None = None) -> tuple[Array, dict[str, Array]]:
   """One-step CDM negative log-likelihood of K-level data: an upper bound on -log P(k) in nats.
 
   Return convention of `vdiff.likelihood` (module docstring): (nats [B], extras), nats bounding the
@@ -379,10 +398,11 @@ def one_step_nll(rng: Array, logits_fn: LogitsFn, k: Array, *, num_levels: int,
       (`likelihood.uniform_dequantization_bound` folded with -D log Delta, Delta = 2 / K; +7 bits/dim
       for K = 256 are inside nats). The published CDM code skips dequantisation; numbers from it are
       not comparable.
-    dequantization="forward": class 1 with the K-level decoder at abar_1 (needs `abar`)
-        nats = -log (1/m) sum_j p_1(z_j) p(k | z_j) / q(z_j | k),  z_j ~ q(z | k) = N(sqrt(abar_1) x,
-                                                                    (1 - abar_1) I),
-      with p_1 the density of class 1 (Thm 3.2 at t = 1): minus `likelihood.forward_dequantization_bound`.
+    dequantization="forward": class t (default `forward_class(abar, K)`, class 1 unless its noise is
+      below half a bin) with the K-level decoder at abar_t (needs `abar`)
+        nats = -log (1/m) sum_j p_t(z_j) p(k | z_j) / q(z_j | k),  z_j ~ q(z | k) = N(sqrt(abar_t) x,
+                                                                    (1 - abar_t) I),
+      with p_t the density of class t (Thm 3.2): minus `likelihood.forward_dequantization_bound`.
 
   Args:
     rng: PRNG key (draw j uses fold_in(rng, j)).
@@ -393,6 +413,7 @@ def one_step_nll(rng: Array, logits_fn: LogitsFn, k: Array, *, num_levels: int,
     num_samples: m >= 1 importance-weighted draws (log-mean-exp; tighter as m grows).
     abar: the class grid [T + 2] (`class_grid`); required for "forward" (its abar_1).
     class_prior: as in `log_density` (the prior the classifier was trained with).
+    t: "forward" only: the class in {1..T} (a Python int); None chooses `forward_class`.
   Returns:
     (nats [B], {"nfe": int32 [B], network evaluations per example (= m)}).
   """
@@ -410,13 +431,18 @@ def one_step_nll(rng: Array, logits_fn: LogitsFn, k: Array, *, num_levels: int,
   if abar is None:
     raise ValueError("one_step_nll(dequantization='forward') needs abar, the class grid [T + 2] "
                      "(its abar_1 sets q(z | k) and the decoder).")
+  if t is None:
+    t = forward_class(abar, num_levels)
   abar = _check_abar(abar)
-  # q and the decoder use the gamma of the class-1 grid point exactly as the classifier saw it in
-  # training: x_1 = sqrt(abar_1) x + sqrt(1 - abar_1) eps with the float32 abar_1.
-  gamma_1 = schedules_lib.gamma_from_alpha2(abar[1])
+  if not 1 <= int(t) <= abar.shape[0] - 2:
+    raise ValueError(f"t must be a class in {{1..T}} = {{1..{abar.shape[0] - 2}}}, got {t}.")
+  t = int(t)
+  # q and the decoder use the gamma of the class-t grid point exactly as the classifier saw it in
+  # training: x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps with the float32 abar_t.
+  gamma_t = schedules_lib.gamma_from_alpha2(abar[t])
   bound, nfe = likelihood.forward_dequantization_bound(
-      rng, lambda r, z: (log_density(logits_fn(z), z, 1, class_prior=class_prior), ones), k,
-      num_levels=num_levels, gamma=gamma_1, num_samples=num_samples)
+      rng, lambda r, z: (log_density(logits_fn(z), z, t, class_prior=class_prior), ones), k,
+      num_levels=num_levels, gamma=gamma_t, num_samples=num_samples)
   return -bound, {"nfe": nfe}
 
 

@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vdiff import cdm as cdm_lib
 from vdiff import data as data_lib
 from vdiff import likelihood
 from vdiff import ode
@@ -132,8 +133,15 @@ class Settings:
       if self.ode_divergence == "hutchinson":  # one Rademacher probe per dequantisation draw
         out["num_probes"] = int(self.num_dequantization_samples)
     if e == "cdm":
-      out["cdm_class"] = 1 if self.dequantization == "forward" else 0
+      out["cdm_class"] = _cdm_forward_class(model) if self.dequantization == "forward" else 0
     return out
+
+
+def _cdm_forward_class(model) -> int:
+  """The class a forward-dequantised CDM bound is evaluated at (`cdm.forward_class`; 1 for a model
+  without a class grid)."""
+  abar = getattr(model, "abar", None)
+  return 1 if abar is None else cdm_lib.forward_class(abar, model.num_levels)
 
 
 def config_errors(eval_cfg) -> list[str]:
@@ -144,7 +152,7 @@ def config_errors(eval_cfg) -> list[str]:
     return [f"eval: {e}"]
 
 
-def convention(settings: Settings, num_levels: int) -> str:
+def convention(settings: Settings, num_levels: int, cdm_class: int = 1) -> str:
   """One sentence saying what kind of number the estimator's bits/dim are."""
   e, m = settings.estimator, settings.num_dequantization_samples
   if e == "elbo":
@@ -152,7 +160,7 @@ def convention(settings: Settings, num_levels: int) -> str:
             "draw(s) per image (no dequantisation offset)")
   where = ("CDM one-step density" if e == "cdm" else "probability-flow ODE density")
   if settings.dequantization == "forward":
-    at = "class 1" if e == "cdm" else f"t0 = {float(settings.ode_t0):g}"
+    at = f"class {cdm_class}" if e == "cdm" else f"t0 = {float(settings.ode_t0):g}"
     return (f"discrete bound on -log P(k): {where} at {at}, forward-process dequantisation with the "
             f"K-level decoder, {m} importance sample(s) (no dequantisation offset)")
   return (f"continuous density on uniformly dequantised data, {where}, {m} importance sample(s), "
@@ -502,7 +510,7 @@ class Evaluator:
         "num_examples": n, "nfe": float(nfe.mean()) if n else 0.0,
         "seconds": seconds, "seconds_per_image": seconds / max(evaluated, 1),
         "compile_seconds": self.compile_seconds - compile_before,
-        "convention": convention(s, model.num_levels),
+        "convention": convention(s, model.num_levels, _cdm_forward_class(model)),
         "discrete_bound": not self.dequantized,
         "num_levels": model.num_levels, "num_dims": model.num_dims,
         "batch_size": self.batch_size, "num_batches": len(plan), "resumed_after_batch": resume,

@@ -498,9 +498,10 @@ class CDMFamily(Family):
 
     dequantization="uniform": -log (1/m) sum_j p(y_j) + D log(K / 2) of m uniformly dequantised copies
       y_j (class 0, the data density).
-    dequantization="forward": -log (1/m) sum_j p_1(z_j) p(k | z_j) / q(z_j | k), z_j ~ q(z | k) =
-      N(sqrt(abar_1) x, (1 - abar_1) I), with p_1 the density of class 1 (Thm 3.2 at t = 1) and p(k | z)
-      the K-level decoder at abar_1 (`likelihood.forward_dequantization_bound`).
+    dequantization="forward": -log (1/m) sum_j p_t(z_j) p(k | z_j) / q(z_j | k), z_j ~ q(z | k) =
+      N(sqrt(abar_t) x, (1 - abar_t) I), with p_t the density of class t = `cdm.forward_class(abar, K)`
+      (Thm 3.2; class 1 unless its noise is below half a bin) and p(k | z) the K-level decoder at
+      abar_t (`likelihood.forward_dequantization_bound`).
     Both are upper bounds on -log P(k) (bits/dim = `likelihood.nats_to_bpd(nats, D)`).
     Returns (nats [B], {"nfe": int32 [B]}).
     """

@@ -12,7 +12,10 @@ batch statistics such as antithetic time sampling span every device. Multi-host 
 from __future__ import annotations
 
 import os
-from typing import Any
+import sys
+import threading
+import time
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -131,3 +134,77 @@ def any_process(flag: bool) -> bool:
   barrier("any_process")
   flags = multihost_utils.process_allgather(np.asarray(int(bool(flag)), np.int32))
   return bool(np.any(np.asarray(flags)))
+
+
+# --------------------------------------------------------------------------------------------------
+# A lost peer.
+# --------------------------------------------------------------------------------------------------
+EXIT_PEER_LOST = 76  # EX_PROTOCOL: another process of a multi-process run stopped answering
+_HEARTBEAT_KEY = "vdiff_heartbeat/{}"
+
+
+def _lost(message: str) -> None:
+  print(f"[vdiff] {message}", file=sys.stderr, flush=True)
+  os._exit(EXIT_PEER_LOST)  # pylint: disable=protected-access  # other threads may be stuck in a collective
+
+
+def start_peer_watchdog(*, lost_after: float | None = None, interval: float = 1.0,
+                        newest_checkpoint: Callable[[], Any] | None = None) -> threading.Event | None:
+  """In a multi-process run, stop this process within `lost_after` seconds of another one dying.
+
+  Every process writes a heartbeat counter to the coordination service's key-value store every
+  `interval` s and reads the others'. When a peer's counter has not moved for `lost_after` seconds
+  (default 15, or VDIFF_PEER_TIMEOUT), or the coordinator (process 0) cannot be reached at all, this
+  process prints one line naming the lost process and exits with status EXIT_PEER_LOST = 76 at once
+  (os._exit: the main thread may be waiting in a collective that will never complete, which gloo
+  would otherwise end minutes later with SIGABRT and a C++ stack dump). No checkpoint is written then:
+  a checkpoint is a collective of every process, and the state of the step in flight exists on none
+  of them in full; the newest checkpoint is the last one saved (named in the line), and rerunning the
+  same command on every process resumes from it.
+
+  The coordination service's own heartbeat timeout (`initialize_distributed`, 100 s by default) is
+  longer, so this watchdog acts first. Returns the Event that stops the watchdog (None for one process).
+  """
+  if jax.process_count() == 1:
+    return None
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  client = distributed.global_state.client
+  if lost_after is None:
+    lost_after = float(os.environ.get("VDIFF_PEER_TIMEOUT", "15"))
+  me, n = jax.process_index(), jax.process_count()
+  stop = threading.Event()
+
+  def where() -> str:
+    step = newest_checkpoint() if newest_checkpoint is not None else None
+    return (f"the newest checkpoint is step {step}" if step is not None else "no checkpoint was saved yet")
+
+  def watch():
+    beat = 0
+    seen = {p: (None, time.monotonic()) for p in range(n) if p != me}
+    while not stop.wait(interval):
+      beat += 1
+      try:
+        client.key_value_set(_HEARTBEAT_KEY.format(me), str(beat), allow_overwrite=True)
+      except Exception as e:  # pylint: disable=broad-except
+        if stop.is_set():
+          return
+        _lost(f"lost the coordinator (process 0 of {n}): {' '.join(str(e).split())[:200]}. Stopping "
+              f"process {me} with exit status {EXIT_PEER_LOST}; {where()} (rerun the same command on "
+              f"every process to resume).")
+      now = time.monotonic()
+      for p, (value, since) in seen.items():
+        try:
+          new = client.key_value_try_get(_HEARTBEAT_KEY.format(p))
+        except Exception:  # pylint: disable=broad-except  # not written yet (NOT_FOUND)
+          new = None
+        if new != value:
+          seen[p] = (new, now)
+        # Before a peer's first heartbeat (it may still be loading data or compiling) allow 120 s.
+        elif now - since > (lost_after if value is not None else max(lost_after, 120.0)) and \
+            not stop.is_set():
+          _lost(f"lost process {p} of {n} (no heartbeat for {now - since:.0f} s). Stopping process "
+                f"{me} with exit status {EXIT_PEER_LOST}; {where()} (rerun the same command on every "
+                f"process to resume).")
+
+  threading.Thread(target=watch, name="vdiff-peer-watchdog", daemon=True).start()
+  return stop

@@ -678,7 +678,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   validate_config(config)
   with workdir_lib.lock(workdir):
     changes = workdir_lib.check_config(workdir, config)
-    return _train_and_evaluate(config, workdir, changes)
+    # A multi-process run whose peer dies stops within VDIFF_PEER_TIMEOUT s with one line and exit
+    # status 76 (parallel.start_peer_watchdog), instead of hanging in a collective.
+    watchdog = parallel.start_peer_watchdog(newest_checkpoint=lambda: workdir_lib.latest_step(workdir))
+    try:
+      return _train_and_evaluate(config, workdir, changes)
+    finally:
+      if watchdog is not None:
+        watchdog.set()
 
 
 def _abstract_replicated(abstract, mesh):

@@ -39,6 +39,7 @@ Guarantees (each tried by a test in tests/test_workdir.py or tests/test_reliabil
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
 import fcntl
@@ -48,7 +49,7 @@ import logging
 import os
 import socket
 import sys
-import time
+import threading
 from typing import Any, Iterator, NamedTuple
 
 import jax
@@ -454,6 +455,13 @@ def config_as_json(config) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
+def latest_step(workdir: str) -> int | None:
+  """The newest committed checkpoint step in workdir/checkpoints (read from the directory), or None."""
+  d = os.path.join(workdir, CHECKPOINTS)
+  steps = [int(n) for n in os.listdir(d) if n.isdigit()] if os.path.isdir(d) else []
+  return max(steps) if steps else None
+
+
 def has_checkpoints(workdir: str) -> bool:
   d = os.path.join(workdir, CHECKPOINTS)
   return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
@@ -586,7 +594,11 @@ class CheckpointManager(ocp.CheckpointManager):
   """
 
   def __init__(self, directory, *, max_to_keep: int, is_async: bool):
-    self._saving: int | None = None
+    # Steps handed to orbax whose commit has not run yet, in save order: orbax commits one save at a
+    # time, in order, and a save may be handed over (save N + 1) before the previous commit's callback
+    # has run (orbax waits for commit N inside save N + 1).
+    self._uncommitted: collections.deque[int] = collections.deque()
+    self._uncommitted_lock = threading.Lock()
     self._is_async = is_async
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True,
@@ -596,7 +608,8 @@ class CheckpointManager(ocp.CheckpointManager):
 
   def _checksums_before_commit(self) -> None:
     """orbax's post-finalisation callback (its background thread, before the commit's rename)."""
-    step, self._saving = self._saving, None
+    with self._uncommitted_lock:
+      step = self._uncommitted.popleft() if self._uncommitted else None
     if step is None or not _is_main():
       return
     ckpt_dir = str(self.directory)
@@ -607,13 +620,24 @@ class CheckpointManager(ocp.CheckpointManager):
       write_checksums(os.path.join(ckpt_dir, name))
 
   def save(self, step, *args, **kwargs) -> bool:
-    self._saving = int(step)
-    saved = super().save(step, *args, **kwargs)
+    with self._uncommitted_lock:
+      self._uncommitted.append(int(step))
+    try:
+      saved = super().save(step, *args, **kwargs)
+    except BaseException:
+      self._forget(int(step))
+      raise
     if not saved:
-      self._saving = None
+      self._forget(int(step))
     elif not self._is_async:
       super().wait_until_finished()
     return saved
+
+
+  def _forget(self, step: int) -> None:
+    with self._uncommitted_lock:
+      if step in self._uncommitted:
+        self._uncommitted.remove(step)
 
 
 def checkpoint_manager(workdir: str, *, max_to_keep: int, async_save: bool = True) -> CheckpointManager:
