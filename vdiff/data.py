@@ -729,7 +729,7 @@ def _load_npz(name: str, *, split: str, seed: int, path: str | None = None) -> D
         "of levels K explicitly (key 'num_levels', e.g. make_npz(..., num_levels=K)); only uint8 "
         "images imply K = 256.")
   validate_images(images, num_levels)
-  label_keys = [k for k in data if k.endswith("_labels")]
+  label_keys = [k for k in data if k.endswith("_labels") and k not in _NPZ_RESERVED]
   labels = data.get(f"{split}_labels", np.zeros(len(images), np.int32))
   for k in label_keys:
     y, images_of = data[k], data.get(k[:-len("_labels")])
@@ -739,8 +739,8 @@ def _load_npz(name: str, *, split: str, seed: int, path: str | None = None) -> D
     if not np.issubdtype(y.dtype, np.integer):
       raise ValueError(f"key {k!r} of {path} must hold integer labels, got dtype {y.dtype}.")
     if y.size and int(np.min(y)) < 0:
-      raise ValueError(f"key {k!r} of {path} has negative labels (min {int(np.min(y))}); labels are "
-                       f"classes 0..num_labels-1.")
+      raise ValueError(f"key {k!r} of {path} has negative labels, in [{int(np.min(y))}, "
+                       f"{int(np.max(y))}]; labels are classes 0..num_labels-1.")
   if "num_labels" in data:
     num_labels = _npz_scalar(data, "num_labels", path)
     if num_labels < 0:
