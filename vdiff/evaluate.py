@@ -140,6 +140,8 @@ class Settings:
 def _cdm_forward_class(model) -> int:
   """The class a forward-dequantised CDM bound is evaluated at (`cdm.forward_class`; 1 for a model
   without a class grid)."""
+  if getattr(model, "forward_class", None) is not None:
+    return int(model.forward_class)
   abar = getattr(model, "abar", None)
   return 1 if abar is None else cdm_lib.forward_class(abar, model.num_levels)
 

@@ -491,6 +491,8 @@ class CDMFamily(Family):
     return cdm.loss(r_loss, y, logits_fn, self.abar, w_ce=self.w_ce)
 
   DEQUANTIZATIONS = cdm.DEQUANTIZATIONS
+  # The class of the forward-dequantised bound: None = cdm.forward_class(abar, K) (half a bin of noise).
+  forward_class: int | None = None
 
   def nll(self, params, rng, batch, *, dequantization: str = "uniform", num_samples: int = 1):
     """One-step NLL (CDM Thm 3.2), one network evaluation per draw, conditioned on batch["label"] (the
@@ -510,7 +512,8 @@ class CDMFamily(Family):
                        f"{dequantization!r}.")
     logits_fn = self.logits_fn(params, self._labels(None, batch, train=False))
     return cdm.one_step_nll(rng, logits_fn, batch["image"], num_levels=self.num_levels,
-                            dequantization=dequantization, num_samples=num_samples, abar=self.abar)
+                            dequantization=dequantization, num_samples=num_samples, abar=self.abar,
+                            t=self.forward_class)
 
 
 class DenoiserFamily(Family, abc.ABC):
