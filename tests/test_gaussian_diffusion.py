@@ -659,6 +659,15 @@ def test_bound_estimate_is_unbiased():
   """An x0-model whose output ignores x_t makes every term of the bound deterministic; the stratified
   k-step estimate then averages to the full bound (standard error from the draws)."""
   num_steps, k, n = 40, 3, 4000
+  # Each step has total probability k / T over the k stratified draws (so (T / k) sum_j L_{i_j} is
+  # unbiased), and draw j stays in its stratum [j T / k, (j + 1) T / k) of 0-based steps.
+  m = 100_000
+  steps = np.asarray(gd.stratified_steps(jax.random.PRNGKey(9), m, num_steps, k))
+  counts = np.bincount(steps.ravel() - 1, minlength=num_steps)
+  expect = m * k / num_steps
+  assert np.all(np.abs(counts - expect) < 5 * np.sqrt(expect)), counts
+  j = np.arange(k)[None]
+  assert np.all((steps - 1 >= np.floor(j * num_steps / k)) & (steps - 1 < (j + 1) * num_steps / k))
   d = gd.make_diffusion(ref_get_named_beta_schedule("cosine", num_steps))
   model_fn = lambda x, t: jnp.broadcast_to(0.3 * jnp.sin(7.0 * t)[:, None], x.shape)
   x0 = jnp.broadcast_to(jnp.linspace(-0.9, 0.9, 5), (n, 5)).astype(jnp.float32)
