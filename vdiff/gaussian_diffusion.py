@@ -177,16 +177,21 @@ class GaussianDiffusion(NamedTuple):
   Names follow improved-diffusion's GaussianDiffusion attributes.
 
   Attributes:
-    betas, log_betas: beta_i and log beta_i.
-    alphas_cumprod, log_alphas_cumprod: abar_i and log abar_i.
-    one_minus_alphas_cumprod, log_one_minus_alphas_cumprod: 1 - abar_i (formed as -expm1(log abar_i))
-      and its log.
-    sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, sqrt_recip_alphas_cumprod,
-    sqrt_recipm1_alphas_cumprod: sqrt(abar), sqrt(1 - abar), sqrt(1 / abar), sqrt(1 / abar - 1).
+    betas: beta_i.
+    log_betas: log beta_i.
+    alphas_cumprod: abar_i.
+    log_alphas_cumprod: log abar_i.
+    one_minus_alphas_cumprod: 1 - abar_i, formed as -expm1(log abar_i).
+    log_one_minus_alphas_cumprod: log(1 - abar_i).
+    sqrt_alphas_cumprod: sqrt(abar_i).
+    sqrt_one_minus_alphas_cumprod: sqrt(1 - abar_i).
+    sqrt_recip_alphas_cumprod: sqrt(1 / abar_i).
+    sqrt_recipm1_alphas_cumprod: sqrt(1 / abar_i - 1).
     posterior_variance: beta~_i = beta_i (1 - abar_{i-1}) / (1 - abar_i) (0 at i = 1).
     posterior_log_variance_clipped: log beta~_i, with beta~_2 at i = 1 (beta~_1 = 0); improved-diffusion's
       "clipped" log variance. For T = 1 (no beta~_2) it is log beta_1.
-    posterior_mean_coef1, posterior_mean_coef2: c1_i and c2_i of the posterior mean c1 x_0 + c2 x_i.
+    posterior_mean_coef1: c1_i of the posterior mean c1 x_0 + c2 x_i.
+    posterior_mean_coef2: c2_i.
     fixed_large_log_variance: log beta_i for i >= 2 and log beta~_2 at i = 1 (improved-diffusion's
       FIXED_LARGE, "to get a better decoder log likelihood"); log beta_1 for T = 1.
     model_times: the time t passed to the network at step i: i / T, or i_orig / T_orig on a respaced grid.
@@ -292,7 +297,8 @@ def respace_betas(betas, steps) -> tuple[np.ndarray, np.ndarray]:
   q(x | x_0) at the kept steps. Formed as -expm1(log abar_{i_j} - log abar_{i_{j-1}}) in float64.
 
   Args:
-    betas: float64 [T] original betas. steps: kept vdiff step indices in {1..T} (e.g. `space_timesteps`).
+    betas: float64 [T] original betas.
+    steps: kept vdiff step indices in {1..T} (e.g. `space_timesteps`).
   Returns:
     (new betas float64 [S], timestep_map int64 [S]: the original step of each new step).
   """
@@ -405,7 +411,9 @@ def q_sample(diffusion: GaussianDiffusion, x0: Array, i: Array, noise: Array) ->
   """x_i = sqrt(abar_i) x_0 + sqrt(1 - abar_i) noise, a draw from q(x_i | x_0).
 
   Args:
-    diffusion: the process. x0: [B, ...] data. i: int [B] (or scalar) steps in {1..T}.
+    diffusion: the process.
+    x0: [B, ...] data.
+    i: int [B] (or scalar) steps in {1..T}.
     noise: [B, ...] standard normal.
   Returns:
     x_i [B, ...].
@@ -471,9 +479,14 @@ def p_mean_variance(diffusion: GaussianDiffusion, model_output: Array, x_t: Arra
         (improved DDPM, arXiv:2102.09672, eq. 15).
 
   Args:
-    diffusion: the process. model_output: [B, ..., C] (fixed variance) or [B, ..., 2C] (learned: mean
-      part then variance part on the last axis). x_t: [B, ..., C]. i: int [B] steps in {1..T}.
-    mean_type, var_type: as above. clip_x0: clip x0_hat to the data range.
+    diffusion: the process.
+    model_output: [B, ..., C] (fixed variance) or [B, ..., 2C] (learned: mean part then variance part
+      on the last axis).
+    x_t: [B, ..., C].
+    i: int [B] steps in {1..T}.
+    mean_type: "eps", "x0" or "prev_x".
+    var_type: "fixed_small", "fixed_large", "learned" or "learned_range".
+    clip_x0: clip x0_hat to the data range.
   Returns:
     {"mean", "variance", "log_variance", "pred_x0"}, each [B, ..., C].
   """
@@ -561,8 +574,12 @@ def discretized_gaussian_log_likelihood(x: Array, *, means: Array, log_scales: A
   and K = 256 this is DDPM's / improved-diffusion's discretized_gaussian_log_likelihood exactly.
 
   Args:
-    x: data [B, ...] on the chosen grid. means, log_scales: the Gaussian, x's shape (log std dev).
-    num_levels: K. bins, cdf: as above.
+    x: data [B, ...] on the chosen grid.
+    means: the Gaussian's mean, x's shape.
+    log_scales: the Gaussian's log standard deviation, x's shape.
+    num_levels: K.
+    bins: "vdiff" or "ddpm", as above.
+    cdf: "exact" or "tanh", as above.
   Returns:
     log-probabilities, x's shape, in nats.
   Reference: Ho et al. 2020, arXiv:2006.11239, eq. (13).
@@ -643,10 +660,17 @@ def vb_term(diffusion: GaussianDiffusion, model_output: Array, x0: Array, x_t: A
   gamma(0) > -inf where this one has clean data, abar_0 = 1), see docs/math.md.
 
   Args:
-    diffusion: the process. model_output: the network output at (x_t, i). x0: [B, ...] data (on the
-      decoder's grid). x_t: [B, ...] = q_sample(x0, i, noise). i: int [B] steps.
-    mean_type, var_type: see `p_mean_variance`. num_levels: K. decoder: "vdiff" (exact CDF, vdiff's
-      bins) or "ddpm" (DDPM's tanh CDF and 1/255 bins). clip_x0: clip x0_hat (off for likelihoods).
+    diffusion: the process.
+    model_output: the network output at (x_t, i).
+    x0: [B, ...] data (on the decoder's grid).
+    x_t: [B, ...] = q_sample(x0, i, noise).
+    i: int [B] steps.
+    mean_type: see `p_mean_variance`.
+    var_type: see `p_mean_variance`.
+    num_levels: K.
+    decoder: "vdiff" (exact CDF, vdiff's
+      bins) or "ddpm" (DDPM's tanh CDF and 1/255 bins).
+    clip_x0: clip x0_hat (off for likelihoods).
   """
   _check_types(mean_type, var_type)
   dec = _decoder_options(decoder)
@@ -692,10 +716,16 @@ def training_losses(diffusion: GaussianDiffusion, model_fn: ModelFn, x0: Array, 
   arXiv:2102.09672 sec. 3.1, with L_vlb = T L_t); "mse" is lambda_vlb = 1 / T. The KL losses never clip.
 
   Args:
-    diffusion: the process. model_fn: (x [B, ...], t [B]) -> output (2C channels if learned variance).
-    x0: [B, ...] data. i: int [B] steps in {1..T}. noise: [B, ...] standard normal.
-    mean_type, var_type: see `p_mean_variance`. loss_type: as above.
-    num_levels, decoder: the decoder of the i = 1 term (see `vb_term`).
+    diffusion: the process.
+    model_fn: (x [B, ...], t [B]) -> output (2C channels if learned variance).
+    x0: [B, ...] data.
+    i: int [B] steps in {1..T}.
+    noise: [B, ...] standard normal.
+    mean_type: see `p_mean_variance`.
+    var_type: see `p_mean_variance`.
+    loss_type: as above.
+    num_levels: K of the decoder of the i = 1 term (see `vb_term`).
+    decoder: that decoder, "vdiff" or "ddpm" (see `vb_term`).
     lambda_vlb: the weight of the bound in "hybrid" (>= 0).
   Returns:
     (loss [B], terms): {"vb": [B]} for the KL losses (nats); {"mse": [B]} and, for a learned variance,
@@ -807,7 +837,9 @@ def loss_second_moment_update(state: LossSecondMomentState, i: Array, losses: Ar
   every device keeps the same state (the reference all-gathers them).
 
   Args:
-    state: the sampler's state. i: int [B] steps in {1..T}. losses: [B] per-example losses.
+    state: the sampler's state.
+    i: int [B] steps in {1..T}.
+    losses: [B] per-example losses.
   Returns:
     the new state.
   """
@@ -866,8 +898,14 @@ def full_bound(rng: Array, x0: Array, *, diffusion: GaussianDiffusion, model_fn:
   bits/dim: `vdiff.likelihood.nats_to_bpd(nats, D)`, no offset (a discrete bound with decoder="vdiff").
 
   Args:
-    rng: PRNG key. x0: [B, ...] data (vdiff bin centres for decoder="vdiff").
-    diffusion, model_fn, mean_type, var_type: the model. num_levels: K. decoder: see `vb_term`.
+    rng: PRNG key.
+    x0: [B, ...] data (vdiff bin centres for decoder="vdiff").
+    diffusion: the process.
+    model_fn: the network (see `training_losses`).
+    mean_type: see `p_mean_variance`.
+    var_type: see `p_mean_variance`.
+    num_levels: K.
+    decoder: see `vb_term`.
     clip_x0: clip x0_hat in the model's mean (off: the model's own bound).
   Returns:
     (nats [B], {"prior": [B], "kl": [B] (sum of the i >= 2 terms), "decoder": [B], "terms": [B, T]
@@ -916,8 +954,16 @@ def bound_estimate(rng: Array, x0: Array, *, diffusion: GaussianDiffusion, model
   it returns `full_bound` to float32 round-off of the sum.
 
   Args:
-    rng: PRNG key, split into (u, noise). x0: [B, ...] data. diffusion, model_fn, mean_type, var_type,
-      num_levels, decoder, clip_x0: as `full_bound`. num_samples: k >= 1.
+    rng: PRNG key, split into (u, noise).
+    x0: [B, ...] data.
+    diffusion: the process.
+    model_fn: the network.
+    mean_type: see `p_mean_variance`.
+    var_type: see `p_mean_variance`.
+    num_levels: K.
+    num_samples: k >= 1.
+    decoder: see `vb_term`.
+    clip_x0: as `full_bound`.
   Returns:
     (nats [B], {"prior": [B], "diff": [B] (the (T / k)-weighted sum), "nfe": int32 [B]}).
   """
@@ -957,9 +1003,13 @@ def p_sample_loop(rng: Array, model_fn: ModelFn, diffusion: GaussianDiffusion, s
   `from_schedule(schedule, T)` is `samplers.ddpm(..., variance="small")` with the same key.
 
   Args:
-    rng: PRNG key. model_fn: (x [B, ...], t [B]) -> output (2C channels for a learned variance).
-    diffusion: the (respaced) process. shape: (B, ...) of the samples.
-    mean_type, var_type: see `p_mean_variance`. clip_x0: clip x0_hat to [-1, 1] (default True, as DDPM).
+    rng: PRNG key.
+    model_fn: (x [B, ...], t [B]) -> output (2C channels for a learned variance).
+    diffusion: the (respaced) process.
+    shape: (B, ...) of the samples.
+    mean_type: see `p_mean_variance`.
+    var_type: see `p_mean_variance`.
+    clip_x0: clip x0_hat to [-1, 1] (default True, as DDPM).
     num_levels: K; if given, samples are decoded to int32 levels (-1 where not finite).
     return_trajectory: also return [T + 1, B, ...]: x_T then the state after each step.
     z_init: optional x_T [B, ...].
