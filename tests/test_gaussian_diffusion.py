@@ -561,6 +561,7 @@ def test_discretized_gaussian_exact_tiles_the_line(num_levels):
     a, b = np.where(flip, -hi, lo), np.where(flip, -lo, hi)
     want = norm.logcdf(b) + np.log(-np.expm1(norm.logcdf(a) - norm.logcdf(b)))
     close(logp, want, rtol=2e-4, atol=2e-5, err_msg=f"mean={mean} std={std}")
+    close(gd.discrete_gaussian_nll(k, mean=mean, std=std, num_levels=num_levels), -want, rtol=2e-4, atol=2e-5)
 
 
 def losses_inputs(betas):
@@ -836,6 +837,10 @@ def test_loss_second_moment_sampler_matches_reference():
   close(w, 1.0 / (num_steps * p[np.asarray(i) - 1]), rtol=1e-6, atol=0)
   freq = np.bincount(np.asarray(i) - 1, minlength=num_steps) / 40000
   assert np.all(np.abs(freq - p) < 4 * np.sqrt(p * (1 - p) / 40000) + 1e-4), (freq, p)
+  # The uniform sampler: steps in {1..T}, all of them drawn, weights one.
+  iu, wu = gd.sample_steps(jax.random.PRNGKey(1), 600, num_steps)
+  assert set(np.asarray(iu).tolist()) == set(range(1, num_steps + 1))
+  np.testing.assert_array_equal(wu, 1.0)
   # Defaults are the reference's: history_per_term=10, uniform_prob=0.001; uniform until warm.
   st = gd.loss_second_moment_init(4)
   assert st.history.shape == (4, 10)
@@ -890,6 +895,17 @@ def test_learned_variance_samples_gaussian_exactly_in_few_respaced_steps():
   small = np.asarray(gd.p_sample_loop(rng, model(False), d, (n, 1), mean_type="eps", var_type="fixed_small",
                                       clip_x0=False), np.float64)
   assert abs(small.var() - s * s) > 10 * se_var, small.var()
+
+
+def test_one_step_diffusion():
+  """T = 1: the bound is the prior plus the decoder from x_1 (log variance log beta_1: no beta~_2)."""
+  d = gd.make_diffusion(np.array([0.3]))
+  close(d.posterior_log_variance_clipped[1], math.log(0.3), rtol=1e-6, atol=0)
+  x0 = jnp.asarray(X0_DDPM, jnp.float32)
+  nats, ex = gd.full_bound(jax.random.PRNGKey(0), x0, diffusion=d, model_fn=vdiff_model("eps", "fixed_small"),
+                           mean_type="eps", var_type="fixed_small", num_levels=256)
+  assert np.all(np.isfinite(np.asarray(nats))) and ex["terms"].shape == (B, 1)
+  close(nats, ex["prior"] + ex["decoder"], rtol=1e-6, atol=1e-5)
 
 
 def test_sampler_returns_levels_and_trajectory():
