@@ -105,3 +105,17 @@ def test_two_sample_bad_input():
     q.two_sample_statistic(np.zeros((30, 2)), np.zeros((30, 2)), kernel="enery")
   with pytest.raises(ValueError, match="same dimensions"):
     q.two_sample_statistic(np.zeros((30, 2)), np.zeros((30, 3)))
+
+
+def test_bench_samplers_runs_and_reports_every_sampler(tmp_path):
+  from experiments import bench_samplers  # pylint: disable=import-outside-toplevel
+  out = tmp_path / "b.json"
+  doc = bench_samplers.main(["--nfe", "12", "--num-samples", "256", "--entropy-samples", "2000",
+                             "--out", str(out)])
+  assert out.exists()
+  names = {r["sampler"] for r in doc["rows"]}
+  assert names == set(bench_samplers.SAMPLERS)
+  for r in doc["rows"]:
+    assert r["nfe"] <= 12 and np.isfinite(r["gap_bpd"]) and r["num_nonfinite"] == 0
+  with pytest.raises(ValueError, match="Did you mean 'heun'"):
+    bench_samplers.main(["--samplers", "heum"])
