@@ -107,8 +107,9 @@ def test_cdm_one_step_nll_forward_is_minus_the_forward_bound_at_abar_1():
   abar = cdm.abar_grid(LINEAR, 10)
   logits_fn = _gaussian_logits_fn(abar, 0.3)
   k, rng = _data()
+  # t=1: this test pins the class-1 bound (the automatic class, cdm.forward_class, is tested in test_cdm).
   nats, extras = cdm.one_step_nll(rng, logits_fn, k, num_levels=NUM_LEVELS, dequantization="forward",
-                                  num_samples=2, abar=abar)
+                                  num_samples=2, abar=abar, t=1)
   bound, nfe = likelihood.forward_dequantization_bound(
       rng, lambda r, z: (cdm.log_density(logits_fn(z), z, 1), jnp.ones(4, jnp.int32)), k,
       num_levels=NUM_LEVELS, gamma=schedules.gamma_from_alpha2(abar[1]), num_samples=2)
