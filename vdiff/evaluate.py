@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vdiff import cdm as cdm_lib
+from vdiff import config_schema
 from vdiff import data as data_lib
 from vdiff import likelihood
 from vdiff import ode
@@ -54,10 +55,11 @@ from vdiff import parallel
 
 Array = jax.Array
 
-ESTIMATORS = ("elbo", "cdm", "ode")
-DEQUANTIZATIONS = ("uniform", "forward")
-PRECISIONS = ("default", "high", "highest")
-CONDITIONS = ("label", "none")
+# The names config.eval accepts: declared once, in the config's table (vdiff.config_schema).
+ESTIMATORS = config_schema.ESTIMATORS
+DEQUANTIZATIONS = config_schema.DEQUANTIZATIONS
+PRECISIONS = config_schema.PRECISIONS
+CONDITIONS = config_schema.CONDITIONS
 
 
 # --------------------------------------------------------------------------------------------------
