@@ -10,9 +10,11 @@ samples_<step>_<sampler>_n<steps>_eta<eta>_w<guidance_weight>.png/.npz and print
 
 Exit status: 0 done (or stopped by SIGTERM after saving a checkpoint), 130 stopped by SIGINT (Ctrl-C;
 a checkpoint was saved unless Ctrl-C came twice), 3 training.nan_policy='stop' stopped a non-finite run,
-2 an unknown flag or config key, a setting refused by validation (one line, `[vdiff] invalid config:`)
-or a resume whose config changes a guarded key (vdiff.workdir.HARMLESS_KEYS), 75 the work directory is
-locked by another live run, 1 any other error.
+2 a command line that cannot be used (one line): an unknown flag, config key, config file or argument
+word, a setting refused by validation (`[vdiff] invalid config:`), a --workdir that is a file or (for
+eval and sample) holds no checkpoint, or a resume whose config changes a guarded key
+(vdiff.workdir.HARMLESS_KEYS), 75 the work directory is locked by another live run, 76 another process
+of a multi-process run was lost (vdiff.parallel.start_peer_watchdog), 1 any other error.
 
 Multi-host runs: pass --coordinator_address/--num_processes/--process_id (or the VDIFF_* environment
 variables, see vdiff.parallel.initialize_distributed) to every process.
