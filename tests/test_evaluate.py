@@ -247,6 +247,23 @@ def _subset(ds, n):
   return dataclasses.replace(ds, images=ds.images[:n], labels=ds.labels[:n])
 
 
+def _evaluate_until_killed(work, model, params, ds, *, last_batch: int, **common):
+  """Evaluate into the work directory `work` and die (an exception) once batch `last_batch` is recorded,
+  as a killed evaluation would; returns `work`."""
+
+  class Killed(Exception):
+    pass
+
+  def die(i):
+    if i == last_batch:
+      raise Killed()
+
+  work.mkdir()
+  with pytest.raises(Killed):
+    train.evaluate(model, params, ds, workdir=str(work), on_batch=die, **common)
+  return work
+
+
 @pytest.mark.parametrize("estimator,dequantization", [("elbo", "uniform"), ("ode", "forward")])
 def test_interrupted_evaluation_resumes_to_the_uninterrupted_figure(tmp_path, digits, estimator,
                                                                    dequantization):
@@ -261,18 +278,7 @@ def test_interrupted_evaluation_resumes_to_the_uninterrupted_figure(tmp_path, di
   common = dict(estimator=estimator, eval_cfg=cfg, mesh=mesh, rng=jax.random.PRNGKey(7),
                 split="test", step=5, progress=False)
   full = train.evaluate(model, params, digits, workdir=str(tmp_path / "a"), **common)
-
-  class Killed(Exception):
-    pass
-
-  def die_after_batch_1(i):
-    if i == 1:
-      raise Killed()
-
-  work = tmp_path / "b"
-  work.mkdir()
-  with pytest.raises(Killed):
-    train.evaluate(model, params, digits, workdir=str(work), on_batch=die_after_batch_1, **common)
+  work = _evaluate_until_killed(tmp_path / "b", model, params, digits, last_batch=1, **common)
   partial = work / f"eval_{estimator}_partial.jsonl"
   assert [json.loads(l)["batch"] for l in partial.read_text().splitlines()] == [0, 1]
   resumed = train.evaluate(model, params, digits, workdir=str(work), **common)
@@ -307,18 +313,7 @@ def test_damaged_partial_rows_are_recomputed_never_used(tmp_path, digits, damage
   common = dict(estimator="elbo", eval_cfg=cfg, mesh=parallel.make_mesh(), rng=jax.random.PRNGKey(7),
                 split="test", step=5, progress=False)
   full = train.evaluate(model, params, digits, workdir=str(tmp_path / "a"), **common)
-
-  class Killed(Exception):
-    pass
-
-  def die_after_batch_2(i):
-    if i == 2:
-      raise Killed()
-
-  work = tmp_path / "b"
-  work.mkdir()
-  with pytest.raises(Killed):
-    train.evaluate(model, params, digits, workdir=str(work), on_batch=die_after_batch_2, **common)
+  work = _evaluate_until_killed(tmp_path / "b", model, params, digits, last_batch=2, **common)
   partial = work / "eval_elbo_partial.jsonl"
   lines = partial.read_text().splitlines(keepends=True)
   assert [json.loads(l)["batch"] for l in lines] == [0, 1, 2]
