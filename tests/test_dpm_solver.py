@@ -20,7 +20,7 @@ from vdiff import dpm_solver as dp
 from vdiff import samplers
 from vdiff import schedules
 
-MU, S = 0.5, 0.6
+from _gaussian import MU, S, gaussian_eps_fn  # pylint: disable=g-bad-import-order
 B0, B1 = 0.1, 20.0     # score SDE's VP beta_min, beta_max (the reference's 'linear' NoiseScheduleVP)
 LINEAR = schedules.linear()
 COSINE = schedules.cosine()
@@ -34,16 +34,6 @@ def vp_linear_schedule():
 VP = vp_linear_schedule()
 
 
-def gaussian_eps_fn(schedule, mu=MU, s=S, power=1):
-  """E[eps | z_t] for x ~ N(mu, s^2) (docs/math.md sec. 7); power=3: DiffEnc's x_t = alpha^2 x."""
-
-  def eps_fn(z, t):
-    g = schedule.gamma(t).reshape((-1,) + (1,) * (z.ndim - 1))
-    a = schedules.alpha_from_gamma(g) ** power
-    sg = schedules.sigma_from_gamma(g)
-    return sg * (z - a * mu) / (a**2 * s**2 + sg**2)
-
-  return eps_fn
 
 
 # ----------------------------------------------------------------------------------------------------

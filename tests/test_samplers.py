@@ -11,7 +11,7 @@ import pytest
 from vdiff import samplers
 from vdiff import schedules
 
-MU, S = 0.5, 0.6
+from _gaussian import MU, S, gaussian_eps_fn  # pylint: disable=g-bad-import-order
 B, D = 16384, 2          # N = B D = 32768 scalar draws per moment estimate
 N = B * D
 SE_MEAN = S / np.sqrt(N)                # standard error of the sample mean, 0.0033
@@ -20,20 +20,6 @@ LINEAR = schedules.linear()             # VDM's gamma in [-13.3, 5]
 DDPM_BETA = schedules.ddpm_linear_beta()
 
 
-def gaussian_eps_fn(schedule, mu=MU, s=S, power=1):
-  """E[eps | z_t] = sigma (z - a mu) / (a^2 s^2 + sigma^2) for z_t = a x + sigma eps (docs/math.md sec. 7).
-
-  power=1: a = alpha_t (plain diffusion). power=3: a = alpha_t^3, the DiffEnc non-trainable encoder
-  x_t = alpha_t^2 x diffused as z_t = alpha_t x_t + sigma_t eps (docs/math.md sec. 3).
-  """
-
-  def eps_fn(z, t):
-    g = schedule.gamma(t).reshape((-1,) + (1,) * (z.ndim - 1))
-    a = schedules.alpha_from_gamma(g) ** power
-    sg = schedules.sigma_from_gamma(g)
-    return sg * (z - a * mu) / (a**2 * s**2 + sg**2)
-
-  return eps_fn
 
 
 def limit_moments(name, schedule):

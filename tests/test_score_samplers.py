@@ -22,21 +22,11 @@ from vdiff import samplers
 from vdiff import schedules
 from vdiff import score_samplers as ss
 
-MU, S = 0.5, 0.6
+from _gaussian import MU, S, gaussian_eps_fn  # pylint: disable=g-bad-import-order
 LINEAR = schedules.linear()
 B0, B1 = 0.1, 20.0
 
 
-def gaussian_eps_fn(schedule, mu=MU, s=S, power=1):
-  """E[eps | z_t] for x ~ N(mu, s^2) (docs/math.md sec. 7); power=3: DiffEnc's x_t = alpha^2 x."""
-
-  def eps_fn(z, t):
-    g = schedule.gamma(t).reshape((-1,) + (1,) * (z.ndim - 1))
-    a = schedules.alpha_from_gamma(g) ** power
-    sg = schedules.sigma_from_gamma(g)
-    return sg * (z - a * mu) / (a**2 * s**2 + sg**2)
-
-  return eps_fn
 
 
 # ----------------------------------------------------------------------------------------------------
