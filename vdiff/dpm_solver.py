@@ -516,7 +516,10 @@ def heun(rng: Array, eps_fn: EpsFn, schedule: schedules_lib.Schedule, shape: Seq
   N(0, sigma_max^2 I), which differs by the factor sqrt(1 + 1 / sigma_max^2)).
 
   Args:
-    rng, eps_fn, schedule, shape: as `dpm_solver`.
+    rng: PRNG key (as `dpm_solver`).
+    eps_fn: the denoiser eps_fn(z, t) (as `dpm_solver`).
+    schedule: the noise schedule (as `dpm_solver`).
+    shape: the samples' shape [B, ...] (as `dpm_solver`).
     num_steps: N >= 2 noise levels (Karras's CIFAR-10 setting: 18, 35 evaluations).
     sigma_min: smallest level (default max(0.002, sigma at t = 0), Karras's 0.002 inside the schedule).
     sigma_max: largest level (default min(80, sigma at t = 1)).

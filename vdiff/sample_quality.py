@@ -144,10 +144,13 @@ def mixture_quality(samples: Any, *, means: Any, stds: Any, weights: Any = None,
 
   Args:
     samples: [N, ...] continuous samples (x-space, float) or int levels with num_levels.
-    means, stds, weights: the mixture ([M, D], broadcastable to it, [M] or None for equal weights).
+    means: the mixture's component means [M, D].
+    stds: its component standard deviations (broadcastable to [M, D]).
+    weights: its weights [M], or None for equal weights.
     num_levels: K for level samples; None for continuous ones.
     entropy: (H, stderr) if already known (e.g. `Dataset.true_bpd`, `true_bpd_stderr`); else estimated.
-    entropy_samples, seed: the Monte-Carlo entropy estimate.
+    entropy_samples: draws of the Monte-Carlo entropy estimate.
+    seed: its np.random.RandomState seed.
   Returns:
     dict with cross_entropy_bpd, cross_entropy_bpd_stderr, entropy_bpd, entropy_bpd_stderr, gap_bpd
     (CE - H), gap_bpd_stderr, num_nonfinite (samples left out: NaN/Inf, or level -1), component_freq [M],
