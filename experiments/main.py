@@ -6,7 +6,9 @@
 
 --mode=train writes the work directory (vdiff/train.py), its eval.json and samples_<step>.png/.npz;
 --mode=eval writes eval_<estimator>.json (the training's eval.json is kept); --mode=sample writes
-samples_<step>_<sampler>_n<steps>_eta<eta>_w<guidance_weight>.png/.npz and prints the path.
+samples_<step>_<sampler>_n<steps>_<its settings>_w<guidance_weight>.png/.npz (vdiff.sampling.settings_name)
+and prints the path and the network evaluations (NFE) per sample. --help ends with every config key's
+declared range (vdiff.config_schema), the table validation refuses out-of-range values by.
 
 Exit status: 0 done (or stopped by SIGTERM after saving a checkpoint), 130 stopped by SIGINT (Ctrl-C;
 a checkpoint was saved unless Ctrl-C came twice), 3 training.nan_policy='stop' stopped a non-finite run,
@@ -79,6 +81,14 @@ def _summary(doc: str | None, width: int = 110) -> str:
   """A docstring's first paragraph on one line, cut to `width` characters."""
   paragraph = " ".join((doc or "").strip().split("\n\n")[0].split())
   return paragraph if len(paragraph) <= width else paragraph[:width - 3].rstrip() + "..."
+
+
+def config_key_table() -> str:
+  """Every config key with its declared range, base.py's default and meaning (vdiff.config_schema)."""
+  from experiments.configs import base  # pylint: disable=import-outside-toplevel
+  from vdiff import config_schema  # pylint: disable=import-outside-toplevel
+  return ("Config keys (--config.KEY=VALUE; a value outside its range is refused in one line before any "
+          "compute):\n" + config_schema.describe(base.get_base_config()))
 
 
 def list_configs(configs_dir: str = CONFIGS_DIR) -> str:
@@ -185,11 +195,12 @@ def parse_flags(argv):
     print(list_configs(), flush=True)
     sys.exit(0)
   if any(a in ("--help", "-h", "--helpshort", "-?") for a in argv[1:]):
-    # absl prints this module's docstring and the flags, then exits; the configs follow.
+    # absl prints this module's docstring and the flags, then exits; the configs and the table of every
+    # config key's range (vdiff.config_schema, the one the validator reads) follow.
     try:
       FLAGS(argv)
     finally:
-      print("\n" + list_configs(), flush=True)
+      print("\n" + list_configs() + "\n\n" + config_key_table(), flush=True)
   problem = _config_path_problem(argv)
   if problem:
     sys.stderr.write(f"FATAL Flags parsing error: {problem}\n")

@@ -91,6 +91,28 @@ CASES = [
      r"optim.learning_rate must be finite"),
     ("sampler misspelt", [QUICK, "--workdir=WORKDIR", "--config.sample.sampler=ddpn"],
      r"sample.sampler must be one of .*did you mean 'ddpm'"),
+    # The fast and score-based samplers' settings (issue "score-based and fast samplers", bad input).
+    ("snr 0", [QUICK, "--workdir=WORKDIR", "--config.sample.sampler=pc", "--config.sample.snr=0"],
+     r"sample.snr must be a finite number > 0, got 0"),
+    ("solver misspelt", [QUICK, "--workdir=WORKDIR", "--config.sample.sampler=dpm_solver+"],
+     r"sample.sampler must be one of .*did you mean 'dpm_solver\+\+'"),
+    ("predictor misspelt", [QUICK, "--workdir=WORKDIR", "--config.sample.sampler=pc",
+                            "--config.sample.predictor=reverse_difusion"],
+     r"sample.predictor must be one of .*did you mean 'reverse_diffusion'"),
+    ("corrector misspelt", [QUICK, "--workdir=WORKDIR", "--config.sample.corrector=langvin"],
+     r"sample.corrector must be one of .*did you mean 'langevin'"),
+    ("steps below the order", [QUICK, "--workdir=WORKDIR", "--config.sample.sampler=dpm_solver",
+                               "--config.sample.order=3", "--config.sample.method=singlestep",
+                               "--config.sample.num_steps=2"],
+     r"sample.num_steps=2 is below sample.order=3 of the singlestep solver"),
+    ("order 4", [QUICK, "--workdir=WORKDIR", "--config.sample.order=4"], r"sample.order must be in \[1, 3\]"),
+    ("heun 1 step", [QUICK, "--workdir=WORKDIR", "--config.sample.sampler=heun", "--config.sample.num_steps=1"],
+     r"sample.num_steps must be >= 2 for heun"),
+    ("thresholding without x0", [QUICK, "--workdir=WORKDIR", "--config.sample.sampler=dpm_solver",
+                                 "--config.sample.thresholding=True"],
+     r"sample.thresholding=True applies to \('dpm_solver\+\+',\)"),
+    ("langevin step 0", [QUICK, "--workdir=WORKDIR", "--config.sample.sampler=langevin",
+                         "--config.sample.step_size=0"], r"sample.step_size must be a finite number > 0"),
     ("eval on an empty workdir", [QUICK, "--workdir=WORKDIR", "--mode=eval"],
      r"--mode=eval needs a trained work directory; .* holds no checkpoint"),
     ("sample on an empty workdir", [QUICK, "--workdir=WORKDIR", "--mode=sample"],
@@ -233,3 +255,20 @@ def test_every_key_across_its_edges_runs_or_is_refused_in_one_line(tmp_path, key
   else:
     assert spec.problem(value) is None, (key, value, "accepted although outside the table")
   assert not os.path.exists(workdir)
+
+
+def test_help_prints_every_key_with_its_declared_range():
+  """--help ends with the table the validator reads: every SCHEMA key with its range in words and
+  base.py's default (old code: --help listed the configs only, no key or range)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from experiments.configs import base  # pylint: disable=g-import-not-at-top
+  out = subprocess.run([sys.executable, "-m", "experiments.main", "--help"], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+  text = out.stdout + out.stderr
+  defaults = config_schema.flatten(base.get_base_config())
+  for key, spec in config_schema.SCHEMA.items():
+    line = f"  {key}: {spec.range_text()}"
+    if key in defaults:
+      line += f" (default {defaults[key]!r})"
+    assert line in text, line

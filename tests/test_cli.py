@@ -146,6 +146,63 @@ def test_mode_sample_names_its_file_by_the_sampler_settings(run, capsys):
   assert os.path.exists(base_path + ".npz")
 
 
+# (sampler, its config keys, the file name's settings part, NFE per sample by each sampler's formula).
+NEW_SAMPLERS = [
+    ("dpm_solver++", {"sample.num_steps": 4}, "dpm_solver++_n4_o2_multistep_logSNR_w0", 4),
+    ("dpm_solver", {"sample.num_steps": 3, "sample.order": 3, "sample.method": "singlestep"},
+     "dpm_solver_n3_o3_singlestep_logSNR_w0", 3),
+    ("heun", {"sample.num_steps": 3}, "heun_n3_w0", 2 * 3 - 1),
+    ("pc", {"sample.num_steps": 3, "sample.corrector_steps": 2},
+     "pc_n3_reverse_diffusion_langevin_snr0.16_c2_w0", 3 * (1 + 2)),
+    ("langevin", {"sample.num_steps": 3, "sample.steps_per_level": 2}, "langevin_n3_s2_lr2e-05_sig0.01_w0",
+     3 * 2 + 1),
+]
+
+
+@pytest.mark.parametrize("sampler,keys,name,nfe", NEW_SAMPLERS, ids=[s[0] for s in NEW_SAMPLERS])
+def test_mode_sample_runs_every_fast_and_score_sampler(run, capsys, sampler, keys, name, nfe):
+  """--mode=sample with sample.sampler = dpm_solver++ | dpm_solver | heun | pc | langevin: the file is
+  named by the sampler's settings, the NFE printed and recorded is the sampler's own count (DPM-Solver:
+  one per step; Heun: 2N - 1; pc: N predictor + N corrector_steps corrector evaluations, the final
+  denoising reusing the last predictor's mean; langevin: L steps_per_level + 1), and the samples equal a direct call of the sampler function with the
+  run's EMA denoiser, schedule and `train.sample_key` (an independent path to the same numbers)."""
+  from vdiff import dpm_solver, score_samplers, sampling  # pylint: disable=import-outside-toplevel
+  workdir = run["workdir"]
+  config = tiny_config(**{"sample.sampler": sampler, **keys})
+  samples = train.sample_checkpoint(config, workdir)
+  base_path = os.path.join(workdir, f"samples_00000020_{name}")
+  out = capsys.readouterr().out
+  assert f"{base_path}.png" in out and f"{nfe:g} network evaluations (NFE) per sample" in out
+  saved = np.load(base_path + ".npz")
+  np.testing.assert_array_equal(saved["samples"], samples)
+  assert float(saved["nfe"]) == nfe and str(saved["sampler"]) == sampler
+  assert json.load(open(os.path.join(workdir, "samples.json")))["nfe"] == nfe
+  _, model, state, step = train._restore_for_inference(config, workdir)  # pylint: disable=protected-access
+  params = state.ema_params
+  eps_fn, sched = model.eps_fn(params), model.schedule(params)
+  shape = (config.sample.num_samples,) + model.data_shape
+  rng = train.sample_key(config.seed, step)
+  s = config.sample
+  if sampler.startswith("dpm_solver"):
+    direct = dpm_solver.dpm_solver(rng, eps_fn, sched, shape, num_steps=s.num_steps, order=s.order,
+                                   algorithm=sampler, method=s.method, skip_type=s.skip_type,
+                                   num_levels=model.num_levels)
+  elif sampler == "heun":
+    direct = dpm_solver.heun(rng, eps_fn, sched, shape, num_steps=s.num_steps, num_levels=model.num_levels)
+  elif sampler == "pc":
+    direct = score_samplers.pc_sampler(rng, eps_fn, sched, shape, num_steps=s.num_steps,
+                                       predictor=s.predictor, corrector=s.corrector, snr=s.snr,
+                                       corrector_steps=s.corrector_steps, num_levels=model.num_levels)
+  else:
+    smin = max(s.sigma_min, float(np.exp(0.5 * sched.gamma(0.0))) * (1 + 1e-5))
+    direct = score_samplers.annealed_langevin(rng, eps_fn, sched, shape, num_noise_levels=s.num_steps,
+                                              steps_per_level=s.steps_per_level, step_size=s.step_size,
+                                              sigma_min=smin, num_levels=model.num_levels)
+  assert direct.nfe == nfe
+  np.testing.assert_array_equal(np.asarray(direct.samples), samples)
+  assert set(sampling.DEFAULT_OPTIONS) <= set(config.sample)
+
+
 def test_mode_eval_keeps_the_training_eval_json(run):
   workdir = run["workdir"]
   before = open(os.path.join(workdir, "eval.json")).read()

@@ -35,7 +35,12 @@ DIVERGENCES = ("hutchinson", "exact")
 PRECISIONS = ("default", "high", "highest")
 CONDITIONS = ("label", "none")
 PARAMS = ("ema", "raw")
-SAMPLERS = ("vdm_ancestral", "ddpm", "ddim", "ode")
+SAMPLERS = ("vdm_ancestral", "ddpm", "ddim", "ode", "dpm_solver", "dpm_solver++", "heun", "pc", "langevin")
+DPM_ALGORITHMS = ("dpm_solver", "dpm_solver++")
+DPM_METHODS = ("multistep", "singlestep", "singlestep_fixed")
+DPM_SKIP_TYPES = ("time_uniform", "logSNR", "time_quadratic")
+PC_PREDICTORS = ("reverse_diffusion", "euler_maruyama", "ancestral", "none")
+PC_CORRECTORS = ("langevin", "none")
 
 FREE_SECTIONS = ("model.options",)
 _INT32_MAX = 2**31 - 1
@@ -239,6 +244,19 @@ SCHEMA: dict[str, Key] = {
     "sample.label": _int("class to sample when conditional; -1 = unconditional", -1, None),
     "sample.num_samples": _int("samples drawn", 0),
     "sample.params": _choice("the parameters --mode=sample uses", PARAMS),
+    "sample.order": _int("dpm_solver / dpm_solver++: the solver's order", 1, 3),
+    "sample.method": _choice("dpm_solver / dpm_solver++: multistep or singlestep", DPM_METHODS),
+    "sample.skip_type": _choice("dpm_solver / dpm_solver++: the time grid", DPM_SKIP_TYPES),
+    "sample.thresholding": Key("bool", "dpm_solver++: dynamic thresholding of x0_hat"),
+    "sample.predictor": _choice("pc: the predictor", PC_PREDICTORS),
+    "sample.corrector": _choice("pc: the corrector", PC_CORRECTORS),
+    "sample.snr": _float("pc: the Langevin corrector's signal-to-noise ratio", 0.0, None, lo_open=True),
+    "sample.corrector_steps": _int("pc: corrector steps per noise level", 1),
+    "sample.steps_per_level": _int("langevin: Langevin steps per noise level", 1),
+    "sample.step_size": _float("langevin: the step size at the smallest noise level", 0.0, None,
+                               lo_open=True),
+    "sample.sigma_min": _float("langevin: the smallest noise level (raised to the schedule's smallest)",
+                               0.0, None, lo_open=True),
 }
 
 

@@ -54,15 +54,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from vdiff import checks
+from vdiff import config_schema
 from vdiff import samplers
 from vdiff import schedules as schedules_lib
 
 Array = jax.Array
 EpsFn = Callable[[Array, Array], Array]
 
-ALGORITHMS = ("dpm_solver", "dpm_solver++")
-METHODS = ("multistep", "singlestep", "singlestep_fixed")
-SKIP_TYPES = ("time_uniform", "logSNR", "time_quadratic")
+ALGORITHMS = config_schema.DPM_ALGORITHMS    # ("dpm_solver", "dpm_solver++")
+METHODS = config_schema.DPM_METHODS          # ("multistep", "singlestep", "singlestep_fixed")
+SKIP_TYPES = config_schema.DPM_SKIP_TYPES    # ("time_uniform", "logSNR", "time_quadratic")
 
 
 class SamplerOutput(NamedTuple):

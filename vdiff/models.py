@@ -30,6 +30,7 @@ import numpy as np
 from vdiff import cdm
 from vdiff import diffenc
 from vdiff import likelihood
+from vdiff import sampling
 from vdiff import schedules as schedules_lib
 from vdiff import varmin
 from vdiff import vdm
@@ -193,20 +194,22 @@ class Family:
       labels = drop_labels(rng, labels, p_uncond=self.p_uncond, null_label=self.num_labels)
     return labels
 
-  SAMPLERS = ("vdm_ancestral", "ddpm", "ddim", "ode")
-  CLIPPING_SAMPLERS = ("ddpm", "ddim")   # the samplers that take clip_x0
+  SAMPLERS = sampling.SAMPLERS
+  CLIPPING_SAMPLERS = sampling.CLIPPING_SAMPLERS   # the samplers that take clip_x0
 
   @property
   def supported_samplers(self) -> tuple[str, ...]:
     """The `sample.sampler` values this family can sample with (checked before any sampling or training).
 
     Every sampler takes the family's denoiser and schedule; DiffEnc's encoder shift reaches all of them
-    through `sampler_extras` (see `vdiff.samplers`).
+    through `sampler_extras` (see `vdiff.sampling`).
     """
     return self.SAMPLERS
 
-  def check_sample_args(self, sampler: str, clip_x0=None) -> None:
-    """Refuse a sampler this family does not support, or clip_x0 for a sampler without clipping."""
+  def check_sample_args(self, sampler: str, clip_x0=None, *, num_steps: int = 256,
+                        options: dict | None = None) -> None:
+    """Refuse a sampler this family does not support, clip_x0 for a sampler without clipping, or sampler
+    options out of range (`vdiff.sampling.check`)."""
     if sampler not in self.supported_samplers:
       raise ValueError(f"sample.sampler={sampler!r} is not supported by the "
                        f"{getattr(self, 'family_name', type(self).__name__)!r} family; "
@@ -215,36 +218,24 @@ class Family:
       if not isinstance(clip_x0, (bool, np.bool_)):
         raise ValueError(f"sample.clip_x0 must be None (the sampler's default), True or False, got "
                          f"{clip_x0!r}.")
-      if sampler not in self.CLIPPING_SAMPLERS:
-        raise ValueError(f"sample.clip_x0={clip_x0} applies to the samplers {self.CLIPPING_SAMPLERS}, not "
-                         f"to {sampler!r} (the model's own generative process never clips); leave it None.")
+    sampling.check(sampler, num_steps=num_steps, options=options, clip_x0=clip_x0)
 
   def sample(self, params, rng, num: int, *, num_steps: int = 256, label=None, guidance_weight=0.0,
-             sampler: str = "vdm_ancestral", eta: float = 0.0, clip_x0: bool | None = None):
-    """Integer samples [num, H, W, C] from the model's denoiser with the named sampler.
+             sampler: str = "vdm_ancestral", eta: float = 0.0, clip_x0: bool | None = None,
+             options: dict | None = None, return_nfe: bool = False):
+    """Integer samples [num, H, W, C] from the model's denoiser with the named sampler (`vdiff.sampling`).
 
     clip_x0: clip x0_hat to [-1, 1] in `ddpm` / `ddim`; None keeps each sampler's own default (DDPM
-    clips, DDIM does not). The sampler and clip_x0 are checked before any sampling work.
+    clips, DDIM does not). options: the sampler-specific settings (`sampling.DEFAULT_OPTIONS`).
+    return_nfe: also return the denoiser evaluations per sample. The sampler and its settings are
+    checked before any sampling work.
     """
-    from vdiff import samplers  # pylint: disable=g-import-not-at-top
-    self.check_sample_args(sampler, clip_x0)
-    shape = (num,) + self.data_shape
-    clip = {} if clip_x0 is None else {"clip_x0": bool(clip_x0)}
-    extras = self.sampler_extras()
+    self.check_sample_args(sampler, clip_x0, num_steps=num_steps, options=options)
     eps_fn = self.guided_eps_fn(params, label, guidance_weight)
-    schedule = self.schedule(params)
-    if sampler == "vdm_ancestral":
-      return samplers.vdm_ancestral(rng, eps_fn, schedule, shape, num_steps=num_steps,
-                                    num_levels=self.num_levels, **extras)
-    if sampler == "ddpm":
-      return samplers.ddpm(rng, eps_fn, schedule, shape, num_steps=num_steps,
-                           num_levels=self.num_levels, **clip, **extras)
-    if sampler == "ddim":
-      return samplers.ddim(rng, eps_fn, schedule, shape, num_steps=num_steps, eta=eta,
-                           grid_steps=max(self.grid_steps, num_steps), num_levels=self.num_levels,
-                           **clip, **extras)
-    return samplers.probability_flow_sample(rng, eps_fn, schedule, shape,
-                                            num_levels=self.num_levels, **extras)
+    samples, nfe = sampling.draw(sampler, rng, eps_fn, self.schedule(params), (num,) + self.data_shape,
+                                 num_steps=num_steps, num_levels=self.num_levels, eta=eta, clip_x0=clip_x0,
+                                 options=options, grid_steps=self.grid_steps, **self.sampler_extras())
+    return (samples, nfe) if return_nfe else samples
 
   def sampler_extras(self) -> dict:
     """Keyword arguments every sampler receives from this family (DiffEnc: the encoder shift)."""
@@ -401,7 +392,7 @@ class DiffEncFamily(VDMFamily):
         gamma_max=self.schedule_spec.gamma_max))
 
   def sampler_extras(self) -> dict:
-    # Every sampler (vdm_ancestral, ddpm, ddim, ode) models the encoder's mean shift.
+    # Every sampler of vdiff.sampling models the encoder's mean shift.
     return {"encoder_shift": self.encoder_kind != "identity"}
 
   @property

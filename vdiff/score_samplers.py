@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vdiff import checks
+from vdiff import config_schema
 from vdiff import samplers
 from vdiff import schedules as schedules_lib
 from vdiff.dpm_solver import SamplerOutput, check_choice, check_positive, time_from_gamma
@@ -51,8 +52,8 @@ from vdiff.dpm_solver import SamplerOutput, check_choice, check_positive, time_f
 Array = jax.Array
 EpsFn = Callable[[Array, Array], Array]
 
-PREDICTORS = ("reverse_diffusion", "euler_maruyama", "ancestral", "none")
-CORRECTORS = ("langevin", "none")
+PREDICTORS = config_schema.PC_PREDICTORS   # ("reverse_diffusion", "euler_maruyama", "ancestral", "none")
+CORRECTORS = config_schema.PC_CORRECTORS   # ("langevin", "none")
 LANGEVIN_INITS = ("uniform", "gaussian")
 
 

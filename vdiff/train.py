@@ -29,6 +29,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import json
 import logging
 import math
 import os
@@ -51,6 +52,7 @@ from vdiff import grid
 from vdiff import likelihood
 from vdiff import models
 from vdiff import parallel
+from vdiff import sampling
 from vdiff import workdir as workdir_lib
 
 Array = jax.Array
@@ -488,24 +490,33 @@ def sample_key(seed: int, step: int) -> Array:
 
 
 def make_sample_fn(model, sample_cfg):
-  """(params, rng, label) -> integer samples, jitted once for the config's sampler settings."""
+  """(params, rng, label) -> (integer samples, NFE per sample), jitted once for the config's sampler
+  settings. A family of `vdiff.models` gets the sampler-specific options (`vdiff.sampling`) and reports
+  its NFE; another family's own `sample` is called with the common settings and its NFE is None."""
   s = sample_cfg
-  return jax.jit(functools.partial(model.sample, num=s.num_samples, num_steps=s.num_steps,
-                                   sampler=s.sampler, eta=s.eta, guidance_weight=s.guidance_weight,
-                                   clip_x0=s.get("clip_x0")))
+  common = dict(num=s.num_samples, num_steps=s.num_steps, sampler=s.sampler, eta=s.eta,
+                guidance_weight=s.guidance_weight, clip_x0=s.get("clip_x0"))
+  if isinstance(model, models.Family):
+    return jax.jit(functools.partial(model.sample, **common, options=sampling.options_from_config(s),
+                                     return_nfe=True))
+  fn = jax.jit(functools.partial(model.sample, **common))
+  return lambda params, rng, label=None: (fn(params, rng, label=label), None)
 
 
 def sample_file_base(workdir: str, step: int, sample_cfg, *, describe: bool = False) -> str:
   """The path, without .png / .npz, of the samples of `step`.
 
   Training's periodic and final samples are samples_<step>; --mode=sample (describe=True) names the
-  sampler settings too, samples_<step>_<sampler>_n<num_steps>_eta<eta>_w<guidance_weight>[_label<label>],
-  so that drawing with other settings does not overwrite earlier files.
+  sampler settings too, samples_<step>_<`sampling.settings_name`>[_label<label>][_raw] (e.g.
+  samples_00002000_ddim_n50_eta0_w0, samples_00002000_dpm_solver++_n20_o2_multistep_logSNR_w0), so that
+  drawing with other settings does not overwrite earlier files.
   """
   name = f"samples_{step:08d}"
   if describe:
     s = sample_cfg
-    name += f"_{s.sampler}_n{int(s.num_steps)}_eta{float(s.eta):g}_w{float(s.guidance_weight):g}"
+    name += "_" + sampling.settings_name(s.sampler, num_steps=s.num_steps, eta=s.eta,
+                                         guidance_weight=s.guidance_weight,
+                                         options=sampling.options_from_config(s))
     if s.label >= 0:
       name += f"_label{int(s.label)}"
     if s.get("params", "ema") == "raw":
@@ -536,26 +547,31 @@ def _sample_and_save(model, params, config, workdir, step, rng, *, sample_fn=Non
                      scalars=None):
   """Draw config.sample.num_samples samples and write them as `sample_file_base(...)` .png/.npz;
   `sample_fn` (from make_sample_fn) is reused across calls so that periodic sampling compiles once, and
-  `scalars` (a vdiff.workdir.Scalars) also receives the grid as a TensorBoard image."""
+  `scalars` (a vdiff.workdir.Scalars) also receives the grid as a TensorBoard image. The .npz and
+  samples.json record the sampler, its settings and the NFE per sample. Returns (samples, nfe)."""
   s = config.sample
   label = None
   if model.num_labels and s.label >= 0:
     label = jnp.full((s.num_samples,), s.label, jnp.int32)
   fn = sample_fn if sample_fn is not None else make_sample_fn(model, s)
-  samples = np.asarray(jax.device_get(fn(params, rng, label=label)))
+  samples, nfe = fn(params, rng, label=label)
+  samples = np.asarray(jax.device_get(samples))
+  nfe = None if nfe is None else float(jax.device_get(nfe))
   if jax.process_index() == 0:
     base = sample_file_base(workdir, step, s, describe=describe)
     _keep_other_samples(base, samples)
     grid.save_grid(base + ".png", samples, model.num_levels)
-    np.savez_compressed(base + ".npz", samples=samples, step=step, sampler=s.sampler,
-                        num_steps=s.num_steps, eta=s.eta, guidance_weight=s.guidance_weight)
+    options = sampling.options_from_config(s)
+    settings = {"sampler": s.sampler, "num_steps": int(s.num_steps), "eta": float(s.eta),
+                "guidance_weight": float(s.guidance_weight), "nfe": nfe,
+                "options": dict(options)}
+    np.savez_compressed(base + ".npz", samples=samples, step=step, settings=json.dumps(settings),
+                        **{k: v for k, v in settings.items() if k != "options" and v is not None})
     write_json(os.path.join(workdir, "samples.json"),
-               {"step": int(step), "png": base + ".png", "npz": base + ".npz", "sampler": s.sampler,
-                "num_steps": int(s.num_steps), "eta": float(s.eta),
-                "guidance_weight": float(s.guidance_weight)})
+               {"step": int(step), "png": base + ".png", "npz": base + ".npz", **settings})
     if scalars is not None:
       scalars.image("samples", grid.make_grid(samples, model.num_levels), step)
-  return samples
+  return samples, nfe
 
 
 # --------------------------------------------------------------------------------------------------
@@ -633,9 +649,9 @@ def validate_model(config, model) -> None:
   evaluation estimator and the sampler for this family, and the sample label of a conditional model."""
   make_nll_fn(model, config.eval.estimator, config.eval)  # raises naming eval.estimator and the family
   s = config.sample
-  check_sample_args = getattr(model, "check_sample_args", None)
-  if check_sample_args is not None:  # models.Family: the sampler and sample.clip_x0
-    check_sample_args(s.sampler, s.get("clip_x0"))
+  if isinstance(model, models.Family):  # the sampler, sample.clip_x0 and the sampler's options
+    model.check_sample_args(s.sampler, s.get("clip_x0"), num_steps=s.num_steps,
+                            options=sampling.options_from_config(s))
   else:
     supported = tuple(getattr(model, "supported_samplers", SAMPLERS))
     if s.sampler not in supported:
@@ -900,8 +916,10 @@ def sample_checkpoint(config, workdir: str) -> np.ndarray:
   sample_file_base(workdir, step, config.sample, describe=True) + .png / .npz (the path is printed)."""
   _, model, state, step = _restore_for_inference(config, workdir)
   # sample.params: the EMA parameters (the default) or the raw ones (file name ending in _raw).
-  samples = _sample_and_save(model, eval_params(state, config, "sample"), config, workdir, step,
-                             sample_key(config.seed, step), describe=True)
+  samples, nfe = _sample_and_save(model, eval_params(state, config, "sample"), config, workdir, step,
+                                  sample_key(config.seed, step), describe=True)
   base = sample_file_base(workdir, step, config.sample, describe=True)
-  _say(f"wrote {samples.shape[0]} samples (step {step}) to {base}.png and {base}.npz")
+  nfe_text = "" if nfe is None else f", {nfe:g} network evaluations (NFE) per sample"
+  _say(f"wrote {samples.shape[0]} samples (step {step}, sampler {config.sample.sampler}{nfe_text}) to "
+       f"{base}.png and {base}.npz")
   return samples

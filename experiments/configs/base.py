@@ -122,7 +122,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   ev.condition = "label"     # conditional models: label (-log p(x | c)) | none (-log p(x), null label)
 
   c.sample = sm = ml_collections.ConfigDict()
-  sm.sampler = "vdm_ancestral"  # vdm_ancestral | ddpm | ddim | ode
+  # vdm_ancestral | ddpm | ddim | ode | dpm_solver | dpm_solver++ | heun | pc | langevin (vdiff.sampling)
+  sm.sampler = "vdm_ancestral"
   sm.num_steps = 256
   sm.eta = 0.0
   # ddpm / ddim: clip x0_hat to [-1, 1]; None = the sampler's own default (ddpm clips, ddim does not).
@@ -131,6 +132,18 @@ def get_base_config() -> ml_collections.ConfigDict:
   sm.label = -1              # class to sample when conditional; -1 = unconditional
   sm.num_samples = 64
   sm.params = "ema"          # ema | raw: the parameters --mode=sample uses
+  # Sampler-specific settings (vdiff.sampling.DEFAULT_OPTIONS; each sampler ignores the others').
+  sm.order = 2               # dpm_solver / dpm_solver++: 1 | 2 | 3
+  sm.method = "multistep"    # dpm_solver / dpm_solver++: multistep | singlestep | singlestep_fixed
+  sm.skip_type = "logSNR"    # dpm_solver / dpm_solver++: time_uniform | logSNR | time_quadratic
+  sm.thresholding = False    # dpm_solver++: dynamic thresholding of x0_hat
+  sm.predictor = "reverse_diffusion"  # pc: reverse_diffusion | euler_maruyama | ancestral | none
+  sm.corrector = "langevin"  # pc: langevin | none
+  sm.snr = 0.16              # pc: the Langevin corrector's signal-to-noise ratio
+  sm.corrector_steps = 1     # pc: corrector steps per noise level
+  sm.steps_per_level = 5     # langevin: steps per noise level (num_steps = the number of levels)
+  sm.step_size = 2e-5        # langevin: the step at the smallest level
+  sm.sigma_min = 0.01        # langevin: the smallest level (raised to the schedule's smallest)
   return c
 
 
