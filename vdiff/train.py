@@ -507,9 +507,10 @@ def sample_file_base(workdir: str, step: int, sample_cfg, *, describe: bool = Fa
   """The path, without .png / .npz, of the samples of `step`.
 
   Training's periodic and final samples are samples_<step>; --mode=sample (describe=True) names the
-  sampler settings too, samples_<step>_<`sampling.settings_name`>[_label<label>][_raw] (e.g.
-  samples_00002000_ddim_n50_eta0_w0, samples_00002000_dpm_solver++_n20_o2_multistep_logSNR_w0), so that
-  drawing with other settings does not overwrite earlier files.
+  sampler settings too: `samples_<step>_<settings>` with `<settings>` from `sampling.settings_name`, then
+  `_label<label>` for a class and `_raw` for the raw parameters (e.g. `samples_00002000_ddim_n50_eta0_w0`,
+  `samples_00002000_dpm_solver++_n20_o2_multistep_logSNR_w0`), so that drawing with other settings does
+  not overwrite earlier files.
   """
   name = f"samples_{step:08d}"
   if describe:
