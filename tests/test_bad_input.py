@@ -93,7 +93,7 @@ CASES = [
      r"sample.sampler must be one of .*did you mean 'ddpm'"),
     # The fast and score-based samplers' settings (issue "score-based and fast samplers", bad input).
     ("snr 0", [QUICK, "--workdir=WORKDIR", "--config.sample.sampler=pc", "--config.sample.snr=0"],
-     r"sample.snr must be a finite number > 0, got 0"),
+     r"sample.snr must be > 0, got 0"),
     ("solver misspelt", [QUICK, "--workdir=WORKDIR", "--config.sample.sampler=dpm_solver+"],
      r"sample.sampler must be one of .*did you mean 'dpm_solver\+\+'"),
     ("predictor misspelt", [QUICK, "--workdir=WORKDIR", "--config.sample.sampler=pc",
@@ -112,7 +112,7 @@ CASES = [
                                  "--config.sample.thresholding=True"],
      r"sample.thresholding=True applies to \('dpm_solver\+\+',\)"),
     ("langevin step 0", [QUICK, "--workdir=WORKDIR", "--config.sample.sampler=langevin",
-                         "--config.sample.step_size=0"], r"sample.step_size must be a finite number > 0"),
+                         "--config.sample.step_size=0"], r"sample.step_size must be > 0"),
     ("eval on an empty workdir", [QUICK, "--workdir=WORKDIR", "--mode=eval"],
      r"--mode=eval needs a trained work directory; .* holds no checkpoint"),
     ("sample on an empty workdir", [QUICK, "--workdir=WORKDIR", "--mode=sample"],

@@ -424,16 +424,19 @@ def test_family_sample_gives_every_sampler_the_encoder_shift(encoder_kind, monke
   # clip_x0 only where given; every sampler is supported, and a sampler the family does not know, or
   # clip_x0 for a sampler that never clips, is refused by name before any sampling work (params=None).
   # The samplers are replaced by recorders (their maths is tested in test_samplers.py).
-  from vdiff import samplers
+  from vdiff import config_schema, samplers
   calls = {}
   for fn_name in ("vdm_ancestral", "ddpm", "ddim", "probability_flow_sample"):
     monkeypatch.setattr(samplers, fn_name, lambda *a, _n=fn_name, **kw: calls.setdefault(_n, kw))
+  # probability_flow_sample(..., return_nfe=True) returns (samples, nfe per example).
+  monkeypatch.setattr(samplers, "probability_flow_sample",
+                      lambda *a, **kw: (calls.setdefault("probability_flow_sample", kw), jnp.zeros(3)))
   fam = _tiny_family(encoder_kind)
   fam.schedule = lambda params: schedules.linear()       # params=None: nothing is initialised
   fam.guided_eps_fn = lambda params, label, w: (lambda z, t: z)
-  assert fam.supported_samplers == ("vdm_ancestral", "ddpm", "ddim", "ode")
+  assert fam.supported_samplers == config_schema.SAMPLERS
   rng = jax.random.PRNGKey(1)
-  for name in fam.supported_samplers:
+  for name in ("vdm_ancestral", "ddpm", "ddim", "ode"):  # (the others: tests/test_cli.py, test_dpm_solver.py)
     fam.sample(None, rng, 3, num_steps=4, sampler=name)
   assert sorted(calls) == ["ddim", "ddpm", "probability_flow_sample", "vdm_ancestral"]
   for kw in calls.values():

@@ -379,8 +379,8 @@ def test_sampling_compiles_once_and_draws_from_its_own_key(base_run):
   mngr.close()
   fn = train.make_sample_fn(model, config.sample)
   saved = np.load(os.path.join(workdir, "samples_00000010.npz"))["samples"]
-  ours = np.asarray(fn(state.ema_params, train.sample_key(config.seed, 10), label=None))
-  init_key = np.asarray(fn(state.ema_params, jax.random.PRNGKey(config.seed), label=None))
+  ours = np.asarray(fn(state.ema_params, train.sample_key(config.seed, 10), label=None)[0])
+  init_key = np.asarray(fn(state.ema_params, jax.random.PRNGKey(config.seed), label=None)[0])
   np.testing.assert_array_equal(saved, ours)
   assert not np.array_equal(saved, init_key)
 
