@@ -206,18 +206,17 @@ class Family:
     """
     return self.SAMPLERS
 
-  def check_sample_args(self, sampler: str, clip_x0=None, *, num_steps: int = 256,
-                        options: dict | None = None) -> None:
-    """Refuse a sampler this family does not support, clip_x0 for a sampler without clipping, or sampler
-    options out of range (`vdiff.sampling.check`)."""
+  def _check_supported(self, sampler: str) -> None:
     if sampler not in self.supported_samplers:
       raise ValueError(f"sample.sampler={sampler!r} is not supported by the "
                        f"{getattr(self, 'family_name', type(self).__name__)!r} family; "
                        f"expected one of {self.supported_samplers}.")
-    if clip_x0 is not None:
-      if not isinstance(clip_x0, (bool, np.bool_)):
-        raise ValueError(f"sample.clip_x0 must be None (the sampler's default), True or False, got "
-                         f"{clip_x0!r}.")
+
+  def check_sample_args(self, sampler: str, clip_x0=None, *, num_steps: int = 256,
+                        options: dict | None = None) -> None:
+    """Refuse a sampler this family does not support, then clip_x0 or sampler options that the sampler
+    cannot use (`vdiff.sampling.check`)."""
+    self._check_supported(sampler)
     sampling.check(sampler, num_steps=num_steps, options=options, clip_x0=clip_x0)
 
   def sample(self, params, rng, num: int, *, num_steps: int = 256, label=None, guidance_weight=0.0,
@@ -228,9 +227,9 @@ class Family:
     clip_x0: clip x0_hat to [-1, 1] in `ddpm` / `ddim`; None keeps each sampler's own default (DDPM
     clips, DDIM does not). options: the sampler-specific settings (`sampling.DEFAULT_OPTIONS`).
     return_nfe: also return the denoiser evaluations per sample. The sampler and its settings are
-    checked before any sampling work.
+    checked before any sampling work (the family's support here, the rest in `sampling.draw`).
     """
-    self.check_sample_args(sampler, clip_x0, num_steps=num_steps, options=options)
+    self._check_supported(sampler)
     eps_fn = self.guided_eps_fn(params, label, guidance_weight)
     samples, nfe = sampling.draw(sampler, rng, eps_fn, self.schedule(params), (num,) + self.data_shape,
                                  num_steps=num_steps, num_levels=self.num_levels, eta=eta, clip_x0=clip_x0,

@@ -25,7 +25,9 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from vdiff import checks
 from vdiff import config_schema
 from vdiff import dpm_solver as dpm_solver_lib
 from vdiff import samplers
@@ -69,7 +71,9 @@ def check(name: str, *, num_steps: int, options: dict | None = None, clip_x0=Non
   compute (the samplers check the same again when called)."""
   dpm_solver_lib.check_choice(name, SAMPLERS, "sample.sampler")
   opts = _options(options)
-  samplers._check_steps(num_steps, "sample.num_steps")  # pylint: disable=protected-access
+  checks.positive_int(num_steps, "sample.num_steps")
+  if clip_x0 is not None and not isinstance(clip_x0, (bool, np.bool_)):
+    raise ValueError(f"sample.clip_x0 must be None (the sampler's default), True or False, got {clip_x0!r}.")
   if clip_x0 is not None and name not in CLIPPING_SAMPLERS:
     raise ValueError(f"sample.clip_x0={clip_x0} applies to the samplers {CLIPPING_SAMPLERS}, not to "
                      f"{name!r} (its generative process never clips); leave it None.")
@@ -90,11 +94,11 @@ def check(name: str, *, num_steps: int, options: dict | None = None, clip_x0=Non
     dpm_solver_lib.check_choice(opts["predictor"], score_samplers.PREDICTORS, "sample.predictor")
     dpm_solver_lib.check_choice(opts["corrector"], score_samplers.CORRECTORS, "sample.corrector")
     dpm_solver_lib.check_positive(opts["snr"], "sample.snr")
-    samplers._check_steps(opts["corrector_steps"], "sample.corrector_steps")  # pylint: disable=protected-access
+    checks.positive_int(opts["corrector_steps"], "sample.corrector_steps")
     if opts["predictor"] == "none" and opts["corrector"] == "none":
       raise ValueError("sample.predictor and sample.corrector are both 'none': the pc sampler would not move.")
   if name == "langevin":
-    samplers._check_steps(opts["steps_per_level"], "sample.steps_per_level")  # pylint: disable=protected-access
+    checks.positive_int(opts["steps_per_level"], "sample.steps_per_level")
     dpm_solver_lib.check_positive(opts["step_size"], "sample.step_size")
     dpm_solver_lib.check_positive(opts["sigma_min"], "sample.sigma_min")
 
